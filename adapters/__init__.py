@@ -1,0 +1,5 @@
+"""Model adapters (installed as `tokenreduce.adapters`). Importing this package registers them."""
+
+from .llava import LlavaAdapter
+
+__all__ = ["LlavaAdapter"]

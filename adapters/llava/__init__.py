@@ -1,0 +1,5 @@
+"""LLaVA-family adapters."""
+
+from .llava15 import LlavaAdapter
+
+__all__ = ["LlavaAdapter"]

@@ -1,0 +1,73 @@
+"""Adapter for LLaVA-1.5: transformers' `LlavaForConditionalGeneration` (any size, any attention)."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+from tokenreduce.adapter import Encoded, PlaceholderAdapter
+from tokenreduce.flops import TransformerDims
+from tokenreduce.registry import register_adapter
+
+
+def text_dims(cfg) -> TransformerDims:
+    return TransformerDims(
+        hidden=cfg.hidden_size,
+        intermediate=cfg.intermediate_size,
+        layers=cfg.num_hidden_layers,
+        heads=cfg.num_attention_heads,
+        kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+        vocab=cfg.vocab_size,
+    )
+
+
+def vision_dims(cfg) -> TransformerDims:
+    return TransformerDims(
+        hidden=cfg.hidden_size,
+        intermediate=cfg.intermediate_size,
+        layers=cfg.num_hidden_layers,
+        heads=cfg.num_attention_heads,
+        kv_heads=cfg.num_attention_heads,
+        gated=False,
+    )
+
+
+@register_adapter("LlavaForConditionalGeneration")
+class LlavaAdapter(PlaceholderAdapter):
+    """LLaVA-1.5: one CLIP grid per image (24x24 = 576 tokens for CLIP-L/14-336), projected by an MLP.
+
+    Visual tokens: `get_image_features(...).pooler_output`, one (h*w, D) tensor per image, raster order.
+    With `vision_feature_select_strategy="full"` the CLS token is kept: the item is then a 1 x (h*w+1) row.
+    """
+
+    def encode(self, kwargs: dict[str, Any]) -> Encoded | None:
+        pixel_values = kwargs.pop("pixel_values", None)
+        mm = kwargs.pop("mm_encoder_outputs", None)
+        extra = {k: kwargs.pop(k) for k in ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
+                 if kwargs.get(k) is not None}
+        kwargs.pop("image_sizes", None)
+        t0 = time.perf_counter()
+        if mm is not None and mm.get("image") is not None:
+            feats = mm["image"].pooler_output
+        elif pixel_values is not None:
+            out = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **extra)
+            feats = out.pooler_output
+        else:
+            return None
+        self._handle._sync()
+        feats = list(feats) if not hasattr(feats, "dim") else list(feats.unbind(0)) if feats.dim() == 3 else [feats]
+        return Encoded(features=feats, grids=[_grid(f.shape[0]) for f in feats], seconds=time.perf_counter() - t0)
+
+    def llm_dims(self) -> TransformerDims:
+        return text_dims(self.model.config.text_config)
+
+    def vision_dims(self) -> tuple[TransformerDims, int]:
+        vc = self.model.config.vision_config
+        n = (vc.image_size // vc.patch_size) ** 2 + 1
+        return vision_dims(vc), n
+
+
+def _grid(n: int) -> tuple[int, int]:
+    side = math.isqrt(n)
+    return (side, side) if side * side == n else (1, n)

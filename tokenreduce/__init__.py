@@ -1,0 +1,37 @@
+"""tokenreduce: remove the visual tokens a vision-language model does not need.
+
+    import tokenreduce as tr
+    with tr.apply(model, "aim-merge(keep=0.25)") as run:
+        out = model.generate(**inputs, max_new_tokens=32)
+    print(run.report)
+"""
+
+from .attach import Handle, apply, attach
+from .errors import BudgetError, InputError, PlanError, TokenReduceError, UnsupportedModelError
+from .plan import BudgetedReducer, Context, Plan, Reducer, Stage, split_budget
+from .registry import get_reducer, reducers, register_adapter, register_reducer
+from .tokens import VisualTokens
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BudgetError",
+    "BudgetedReducer",
+    "Context",
+    "Handle",
+    "InputError",
+    "Plan",
+    "PlanError",
+    "Reducer",
+    "Stage",
+    "TokenReduceError",
+    "UnsupportedModelError",
+    "VisualTokens",
+    "apply",
+    "attach",
+    "get_reducer",
+    "reducers",
+    "register_adapter",
+    "register_reducer",
+    "split_budget",
+]

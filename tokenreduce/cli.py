@@ -1,0 +1,138 @@
+"""The `tokenreduce` command: list reducers, run a plan on a model, benchmark plans."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .registry import reducers
+
+    rows = []
+    for name, cls in reducers().items():
+        params = ", ".join(
+            f"{f.name}={f.default!r}" for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
+        )
+        rows.append((name, str(cls.stage), cls.summary, params))
+    if args.json:
+        print(json.dumps([dict(zip(("name", "stage", "summary", "params"), r)) for r in rows], indent=2))
+        return 0
+    w = max(len(r[0]) for r in rows)
+    print(f"{'reducer':<{w}}  {'stage':<8}  description")
+    for name, stage, summary, params in rows:
+        print(f"{name:<{w}}  {stage:<8}  {summary}")
+        print(f"{'':<{w}}  {'':<8}  params: {params}")
+    return 0
+
+
+def load_model(spec: str, attn: str = "sdpa"):
+    """(model, processor) from a local checkpoint folder or a built-in preset name (random weights)."""
+    import os
+
+    from .adapters.llava.zoo import PRESETS, build_llava_with_processor
+
+    if spec in PRESETS:
+        return build_llava_with_processor(spec, attn=attn)
+    if not os.path.isdir(spec):
+        raise SystemExit(
+            f"--model {spec!r}: not a local checkpoint folder nor a built-in preset "
+            f"({', '.join(PRESETS)}); no download is attempted"
+        )
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(spec, attn_implementation=attn).eval()
+    return model, AutoProcessor.from_pretrained(spec)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+    from PIL import Image
+
+    from . import apply
+    from .plan import Plan
+
+    plan = Plan.parse(args.plan)
+    if not os.path.isfile(args.image):
+        raise SystemExit(f"--image {args.image!r}: no such file")
+    try:
+        image = Image.open(args.image).convert("RGB")
+    except Exception as e:  # PIL raises several types for unreadable files
+        raise SystemExit(f"--image {args.image!r}: cannot read it as an image ({e})") from None
+    model, processor = load_model(args.model, args.attn)
+    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    inputs = processor(text=text, images=image, return_tensors="pt")
+    with torch.no_grad(), apply(model, plan) as run:
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    answer = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    if args.json:
+        print(json.dumps({"answer": answer, "report": run.report.to_dict()}, indent=2))
+    else:
+        print(f"answer: {answer!r}")
+        print(run.report)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .eval.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tokenreduce",
+        description="Remove the visual tokens a VLM does not need.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=textwrap.dedent(
+            """\
+            examples:
+              tokenreduce list
+              tokenreduce run --plan "aim-merge(keep=0.25)" --image cat.png --prompt "What is this?"
+              tokenreduce bench --out bench.json
+            """
+        ),
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("list", help="list reducers with their stage and parameters")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_list)
+
+    s = sub.add_parser("run", help="run a plan on one image and print the answer and the token report")
+    s.add_argument("--plan", default="none", help='plan string, e.g. "aim-merge(keep=0.25)" or "none"')
+    s.add_argument("--image", required=True)
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--model", default="tiny", help="local checkpoint folder or a built-in preset (default: tiny)")
+    s.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    s.add_argument("--max-new-tokens", type=int, default=16)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=_cmd_run)
+
+    s = sub.add_parser("bench", help="time to first token and peak memory, reduced vs unreduced")
+    from .eval.bench import add_arguments
+
+    add_arguments(s)
+    s.set_defaults(fn=_cmd_bench)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import TokenReduceError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except TokenReduceError as e:
+        print(f"tokenreduce: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,273 @@
+"""Stages, the `Reducer` base class, budgets and `Plan` (composition and parsing of plan strings)."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import enum
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from .errors import BudgetError, PlanError
+from .tokens import VisualTokens
+
+
+class Stage(enum.IntEnum):
+    """Where in the model a reducer acts, in data-flow order."""
+
+    FRAMES = 0  # sampled frames and the query, before encoding
+    ENCODER = 1  # inside the vision encoder
+    VISUAL = 2  # projected visual tokens, just before the LLM
+    PREFILL = 3  # inside the LLM during prefill
+    DECODE = 4  # the KV cache after prefill
+
+    def __str__(self) -> str:
+        return self.name.lower()
+
+
+@dataclass
+class Context:
+    """What a reducer may read besides the tokens (filled by the adapter for one model call).
+
+    Attributes:
+        sample: index of the sample in the batch.
+        batch_size: number of samples in the call.
+        query_ids: (T,) long, the caller's non-visual token ids of this sample (the prompt text).
+        model: the model being reduced (reducers must not inspect its family).
+    """
+
+    sample: int = 0
+    batch_size: int = 1
+    query_ids: torch.Tensor | None = None
+    model: Any = None
+
+
+@dataclass
+class Reducer:
+    """Base class of every reducer. Subclasses are dataclasses whose fields are their hyperparameters.
+
+    Class attributes to set: `name` (registry name used in plan strings), `stage`, `summary` (one line).
+    """
+
+    name: ClassVar[str] = ""
+    stage: ClassVar[Stage] = Stage.VISUAL
+    summary: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise `PlanError`/`BudgetError` naming the bad hyperparameter. Called on construction."""
+
+    def reduce(self, batch: list[VisualTokens], contexts: list[Context]) -> list[VisualTokens]:
+        """Reduce every sample of a batch. The default calls `reduce_sample` once per sample."""
+        return [self.reduce_sample(t, c) for t, c in zip(batch, contexts)]
+
+    def reduce_sample(self, tokens: VisualTokens, ctx: Context) -> VisualTokens:
+        raise NotImplementedError(f"{type(self).__name__} must implement reduce() or reduce_sample()")
+
+    def spec(self) -> str:
+        """The plan-string form of this reducer, e.g. ``aim-merge(keep=0.25)``."""
+        args = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            default = f.default if f.default is not dataclasses.MISSING else None
+            if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                default = f.default_factory()  # type: ignore[misc]
+            if v != default:
+                args.append(f"{f.name}={v!r}")
+        return f"{self.name}({', '.join(args)})" if args else self.name
+
+
+@dataclass
+class BudgetedReducer(Reducer):
+    """A reducer with a budget: visual tokens per sample that leave it.
+
+    Give exactly one of `tokens` (absolute, per sample) or `keep` (fraction of the sample's tokens).
+    Several images or frames in one sample share the budget in proportion to their token counts.
+    """
+
+    tokens: int | None = None
+    keep: float | None = None
+
+    def validate(self) -> None:
+        if self.tokens is not None and self.keep is not None:
+            raise BudgetError(f"{self.name}: give either tokens= or keep=, not both")
+        if self.tokens is None and self.keep is None:
+            raise BudgetError(f"{self.name}: a budget is required: tokens=<int> or keep=<fraction in (0, 1]>")
+        if self.tokens is not None:
+            if isinstance(self.tokens, bool) or not isinstance(self.tokens, int):
+                raise BudgetError(f"{self.name}: tokens= must be an integer, got {self.tokens!r}")
+            if self.tokens <= 0:
+                raise BudgetError(f"{self.name}: tokens= must be positive, got {self.tokens}")
+        if self.keep is not None:
+            if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)):
+                raise BudgetError(f"{self.name}: keep= must be a number, got {self.keep!r}")
+            if not 0.0 < float(self.keep) <= 1.0:
+                raise BudgetError(f"{self.name}: keep= must be in (0, 1], got {self.keep}")
+
+    def budget(self, n: int) -> int:
+        """Tokens to keep out of `n` for one sample."""
+        if self.tokens is not None:
+            if self.tokens > n:
+                raise BudgetError(
+                    f"{self.name}: tokens={self.tokens} is larger than the {n} visual tokens of the sample"
+                )
+            return self.tokens
+        return max(1, min(n, math.floor(float(self.keep) * n + 0.5)))  # type: ignore[arg-type]
+
+    def item_budgets(self, tokens: VisualTokens) -> list[int]:
+        """The sample's budget split over its items in proportion to their token counts (sums exactly)."""
+        counts = tokens.item_counts().tolist()
+        return split_budget(self.budget(len(tokens)), counts)
+
+
+def split_budget(total: int, counts: list[int], floor: int = 1) -> list[int]:
+    """Split `total` over parts with `counts` tokens, proportionally, by largest remainder.
+
+    Every non-empty part gets at least `floor` (if the total allows) and at most its count; the result
+    sums exactly to `total`. Ties go to the earlier part, so the split is deterministic.
+    """
+    n = sum(counts)
+    if total > n:
+        raise BudgetError(f"budget {total} is larger than the {n} tokens available")
+    if total < 0:
+        raise BudgetError(f"budget must be non-negative, got {total}")
+    nonempty = [c > 0 for c in counts]
+    base = [min(c, floor) if total >= floor * sum(nonempty) and c > 0 else 0 for c in counts]
+    rest = total - sum(base)
+    room = [c - b for c, b in zip(counts, base)]
+    room_total = sum(room)
+    if rest == 0 or room_total == 0:
+        return base
+    exact = [rest * r / room_total for r in room]
+    share = [min(r, math.floor(e)) for r, e in zip(room, exact)]
+    left = rest - sum(share)
+    order = sorted(range(len(counts)), key=lambda i: (-(exact[i] - share[i]), i))
+    while left > 0:
+        for i in order:
+            if left == 0:
+                break
+            if share[i] < room[i]:
+                share[i] += 1
+                left -= 1
+    return [b + s for b, s in zip(base, share)]
+
+
+@dataclass
+class Plan:
+    """An ordered list of reducers, applied stage by stage."""
+
+    reducers: list[Reducer] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.reducers = list(self.reducers)
+        for i, r in enumerate(self.reducers):
+            if not isinstance(r, Reducer):
+                raise PlanError(f"plan entry {i} is {type(r).__name__}, not a Reducer")
+        for a, b in zip(self.reducers, self.reducers[1:]):
+            if b.stage < a.stage:
+                raise PlanError(
+                    f"stage order: {b.name} ({b.stage}) cannot come after {a.name} ({a.stage}); "
+                    f"stages run in the order {', '.join(str(s) for s in Stage)}"
+                )
+
+    def at(self, stage: Stage) -> list[Reducer]:
+        return [r for r in self.reducers if r.stage == stage]
+
+    def __str__(self) -> str:
+        return "+".join(r.spec() for r in self.reducers) or "none"
+
+    def __len__(self) -> int:
+        return len(self.reducers)
+
+    @classmethod
+    def parse(cls, text: str) -> Plan:
+        """Parse ``"name(arg=value, ...)+name+..."``; ``""`` or ``"none"`` is the empty plan."""
+        from .registry import get_reducer
+
+        if not isinstance(text, str):
+            raise PlanError(f"a plan string is required, got {type(text).__name__}")
+        text = text.strip()
+        if text in ("", "none"):
+            return cls([])
+        reducers = []
+        for k, part in enumerate(_split_top(text)):
+            m = re.fullmatch(r"\s*([A-Za-z_][\w\-.]*)\s*(?:\((.*)\))?\s*", part, flags=re.S)
+            if m is None:
+                raise PlanError(
+                    f"cannot parse plan entry {k + 1} {part.strip()!r} in {text!r}: "
+                    "expected name or name(key=value, ...)"
+                )
+            name, args = m.group(1), m.group(2)
+            kwargs = _parse_kwargs(args or "", name, text)
+            reducer_cls = get_reducer(name)
+            names = {f.name for f in dataclasses.fields(reducer_cls)}
+            unknown = sorted(set(kwargs) - names)
+            if unknown:
+                raise PlanError(
+                    f"{name}: unknown parameter(s) {', '.join(unknown)}; "
+                    f"known: {', '.join(sorted(names)) or '(none)'}"
+                )
+            try:
+                reducers.append(reducer_cls(**kwargs))
+            except TypeError as e:  # wrong value types that the dataclass itself rejects
+                raise PlanError(f"{name}: {e}") from None
+        return cls(reducers)
+
+
+def _split_top(text: str) -> list[str]:
+    """Split on '+' outside parentheses and quotes."""
+    parts, depth, cur, quote = [], 0, [], None
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+            if depth < 0:
+                raise PlanError(f"unbalanced ')' in plan {text!r}")
+        elif ch == "+" and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    if depth != 0 or quote:
+        raise PlanError(f"unbalanced parentheses or quotes in plan {text!r}")
+    parts.append("".join(cur))
+    for p in parts:
+        if not p.strip():
+            raise PlanError(f"empty entry in plan {text!r} (a stray '+'?)")
+    return parts
+
+
+def _parse_kwargs(args: str, name: str, text: str) -> dict[str, Any]:
+    if not args.strip():
+        return {}
+    try:
+        call = ast.parse(f"f({args})", mode="eval").body
+    except SyntaxError:
+        raise PlanError(f"{name}: cannot parse arguments ({args}) in {text!r}") from None
+    assert isinstance(call, ast.Call)
+    if call.args:
+        raise PlanError(f"{name}: arguments must be named, e.g. {name}(keep=0.5); got ({args})")
+    out = {}
+    for kw in call.keywords:
+        if kw.arg is None:
+            raise PlanError(f"{name}: **kwargs are not allowed in a plan string")
+        try:
+            out[kw.arg] = ast.literal_eval(kw.value)
+        except ValueError:
+            # bare words are strings: pool(mode=avg)
+            if isinstance(kw.value, ast.Name):
+                out[kw.arg] = {"true": True, "false": False, "none": None}.get(kw.value.id.lower(), kw.value.id)
+            else:
+                raise PlanError(f"{name}: value of {kw.arg} is not a literal in ({args})") from None
+    return out

@@ -1,0 +1,108 @@
+"""The report of an attached plan: what each stage kept, real sequence lengths, time per stage."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from .tokens import VisualTokens
+
+
+@dataclass
+class CallReport:
+    """One `forward` or `generate` call.
+
+    Attributes:
+        kind: "forward" or "generate".
+        batch_size: samples in the call.
+        stages: (stage label, visual tokens per sample) in order; the first entry is "input".
+        seq_in: per sample, the caller's sequence length without padding.
+        seq_llm: per sample, the sequence length that entered the LLM (without padding).
+        llm_shape: (batch, length) of the padded sequence that entered the LLM.
+        times: seconds per stage ("vision", "reduce:<name>", "prefill"); only stages that ran.
+        positions: (batch, length) long, the caller's sequence position of every LLM position (-1: padding).
+        visual: the final `VisualTokens` of every sample (what survived, with origins).
+        flops: estimated FLOPs: "llm_prefill" / "llm_prefill_full" (same prompts, nothing reduced),
+            and "vision" when the adapter knows the vision tower's widths.
+    """
+
+    kind: str
+    batch_size: int
+    stages: list[tuple[str, list[int]]] = field(default_factory=list)
+    seq_in: list[int] = field(default_factory=list)
+    seq_llm: list[int] = field(default_factory=list)
+    llm_shape: tuple[int, int] = (0, 0)
+    times: dict[str, float] = field(default_factory=dict)
+    positions: Tensor | None = None
+    visual: list[VisualTokens] = field(default_factory=list)
+    flops: dict[str, float] = field(default_factory=dict)
+
+    def tokens(self, stage: str = "final") -> list[int]:
+        """Visual tokens per sample after `stage` ("input", a reducer label, or "final")."""
+        if not self.stages:
+            return []
+        if stage == "final":
+            return self.stages[-1][1]
+        for label, counts in self.stages:
+            if label == stage:
+                return counts
+        raise KeyError(f"no stage {stage!r} in this report; stages: {[s for s, _ in self.stages]}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "batch_size": self.batch_size,
+            "stages": [{"stage": s, "tokens": c} for s, c in self.stages],
+            "seq_in": self.seq_in,
+            "seq_llm": self.seq_llm,
+            "llm_shape": list(self.llm_shape),
+            "times_s": self.times,
+            "flops": self.flops,
+        }
+
+    def __str__(self) -> str:
+        lines = [f"{self.kind}: batch {self.batch_size}, LLM input {self.llm_shape[0]}x{self.llm_shape[1]}"]
+        width = max([len(s) for s, _ in self.stages] + [10])
+        lines.append(f"  {'stage':<{width}}  visual tokens per sample")
+        for label, counts in self.stages:
+            lines.append(f"  {label:<{width}}  {', '.join(str(c) for c in counts)}")
+        lines.append(f"  {'sequence':<{width}}  {', '.join(f'{a} -> {b}' for a, b in zip(self.seq_in, self.seq_llm))}")
+        if "llm_prefill" in self.flops and self.flops.get("llm_prefill_full"):
+            ratio = self.flops["llm_prefill_full"] / self.flops["llm_prefill"]
+            lines.append(
+                f"  {'LLM FLOPs':<{width}}  {self.flops['llm_prefill'] / 1e9:.2f} G "
+                f"(unreduced {self.flops['llm_prefill_full'] / 1e9:.2f} G, {ratio:.2f}x less)"
+            )
+        if self.times:
+            t = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.times.items())
+            lines.append(f"  {'time':<{width}}  {t}")
+        return "\n".join(lines)
+
+
+@dataclass
+class Report:
+    """Every call made while the plan was attached; attribute access reads the latest call."""
+
+    plan: str
+    calls: list[CallReport] = field(default_factory=list)
+
+    @property
+    def last(self) -> CallReport:
+        if not self.calls:
+            raise RuntimeError("the report is empty: no model call with visual inputs ran while attached")
+        return self.calls[-1]
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name in ("plan", "calls"):
+            raise AttributeError(name)
+        return getattr(self.last, name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"plan": self.plan, "calls": [c.to_dict() for c in self.calls]}
+
+    def __str__(self) -> str:
+        if not self.calls:
+            return f"plan {self.plan}: no calls yet"
+        return f"plan {self.plan}\n{self.last}"

@@ -1,0 +1,151 @@
+"""`VisualTokens`: the visual tokens of one sample plus where every token came from.
+
+Reducers take and return `VisualTokens`. They never lose the origin: every token knows which
+image/frame it belongs to, its row and column in that item's original grid, the position its
+placeholder had in the caller's sequence, and how many original tokens it stands for. The `source`
+map says, for every *original* token, which current token now holds it (or -1 if it was dropped).
+That is what lets later stages, the report, the demo's heat map and the tests see what survived.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class VisualTokens:
+    """Visual tokens of one sample.
+
+    Attributes (N = current tokens, N0 = original tokens, D = feature width):
+        features: (N, D) token features.
+        item: (N,) long, index of the image or frame (within the sample) of the token's representative.
+        row, col: (N,) long, the representative's place in its item's original grid (-1 if none).
+        position: (N,) long, the representative's placeholder position in the caller's sequence.
+        size: (N,) float, how many original tokens this token stands for (1 until merged).
+        source: (N0,) long, for every original token the index of the current token holding it, -1 if dropped.
+        grids: (h, w) of the original token grid of every item.
+    """
+
+    features: Tensor
+    item: Tensor
+    row: Tensor
+    col: Tensor
+    position: Tensor
+    size: Tensor
+    source: Tensor
+    grids: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def from_items(
+        cls, features: list[Tensor], grids: list[tuple[int, int]], positions: Tensor
+    ) -> VisualTokens:
+        """Build the original tokens of a sample from per-item features.
+
+        Args:
+            features: one (h*w, D) tensor per item, tokens in raster order.
+            grids: (h, w) per item.
+            positions: (sum h*w,) long, placeholder positions in the caller's sequence.
+        """
+        device = features[0].device
+        items, rows, cols = [], [], []
+        for i, (f, (h, w)) in enumerate(zip(features, grids)):
+            if f.shape[0] != h * w:
+                raise ValueError(f"item {i}: {f.shape[0]} tokens do not fill its {h}x{w} grid")
+            r = torch.arange(h, device=device).repeat_interleave(w)
+            items.append(torch.full((h * w,), i, dtype=torch.long, device=device))
+            rows.append(r)
+            cols.append(torch.arange(w, device=device).repeat(h))
+        n = sum(f.shape[0] for f in features)
+        return cls(
+            features=torch.cat(features, 0),
+            item=torch.cat(items),
+            row=torch.cat(rows),
+            col=torch.cat(cols),
+            position=positions.to(device=device, dtype=torch.long),
+            size=torch.ones(n, device=device, dtype=torch.float32),
+            source=torch.arange(n, device=device),
+            grids=tuple(grids),
+        )
+
+    def __len__(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def num_items(self) -> int:
+        return len(self.grids)
+
+    @property
+    def num_original(self) -> int:
+        return self.source.shape[0]
+
+    def item_counts(self) -> Tensor:
+        """(num_items,) long: current tokens per item."""
+        return torch.bincount(self.item, minlength=self.num_items)
+
+    def select(self, index: Tensor) -> VisualTokens:
+        """Keep the tokens at `index` (a 1-D long tensor), in the order given."""
+        assign = torch.full((len(self),), -1, dtype=torch.long, device=self.features.device)
+        assign[index] = torch.arange(index.numel(), device=assign.device)
+        return self._reindex(assign, index, self.features[index], self.size[index])
+
+    def group(
+        self, assign: Tensor, num_groups: int, weighted: bool = True, features: Tensor | None = None
+    ) -> VisualTokens:
+        """Combine tokens into `num_groups` tokens; `assign[i]` is the group of token i (-1 drops it).
+
+        A group's features are the (size-weighted, if `weighted`) mean of its members unless `features`
+        (num_groups, D) are given; its size is the sum of the members' sizes; its origin is that of its
+        first member. Groups keep the order of their first members, so spatial order is preserved.
+        """
+        n = len(self)
+        idx = torch.arange(n, device=assign.device)
+        first = torch.full((num_groups,), n, dtype=torch.long, device=assign.device)
+        kept = assign >= 0
+        first = first.scatter_reduce(0, assign[kept], idx[kept], reduce="amin")
+        if bool((first == n).any()):
+            raise ValueError("group(): every group id in [0, num_groups) needs at least one member")
+        size = torch.zeros(num_groups, device=self.size.device, dtype=self.size.dtype)
+        size = size.index_add(0, assign[kept], self.size[kept])
+        if features is None:
+            w = self.size[kept] if weighted else torch.ones_like(self.size[kept])
+            denom = torch.zeros(num_groups, device=w.device, dtype=torch.float32).index_add(0, assign[kept], w)
+            acc = torch.zeros(
+                num_groups, self.features.shape[1], device=self.features.device, dtype=torch.float32
+            )
+            acc = acc.index_add(0, assign[kept], self.features[kept].float() * w[:, None])
+            features = (acc / denom[:, None]).to(self.features.dtype)
+        # reorder groups by their first member so the output keeps the input order
+        order = torch.argsort(first, stable=True)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(num_groups, device=order.device)
+        new_assign = torch.where(kept, rank[assign.clamp(min=0)], assign)
+        return self._reindex(new_assign, first[order], features[order], size[order])
+
+    def _reindex(self, assign: Tensor, rep: Tensor, features: Tensor, size: Tensor) -> VisualTokens:
+        src = self.source
+        new_source = torch.where(src >= 0, assign[src.clamp(min=0)], src)
+        return VisualTokens(
+            features=features,
+            item=self.item[rep],
+            row=self.row[rep],
+            col=self.col[rep],
+            position=self.position[rep],
+            size=size,
+            source=new_source,
+            grids=self.grids,
+        )
+
+    def with_features(self, features: Tensor) -> VisualTokens:
+        """Same tokens with new features of shape (N, D')."""
+        if features.shape[0] != len(self):
+            raise ValueError(f"with_features: expected {len(self)} rows, got {features.shape[0]}")
+        return VisualTokens(
+            features, self.item, self.row, self.col, self.position, self.size, self.source, self.grids
+        )
+
+    def members(self, i: int) -> Tensor:
+        """Indices (into the original tokens) of the original tokens that token `i` stands for."""
+        return torch.nonzero(self.source == i).flatten()
