@@ -127,35 +127,31 @@ class BudgetedReducer(Reducer):
 
 
 def split_budget(total: int, counts: list[int], floor: int = 1) -> list[int]:
-    """Split `total` over parts with `counts` tokens, proportionally, by largest remainder.
+    """Split `total` over parts with `counts` tokens in proportion to the counts (largest remainder).
 
-    Every non-empty part gets at least `floor` (if the total allows) and at most its count; the result
-    sums exactly to `total`. Ties go to the earlier part, so the split is deterministic.
+    Every non-empty part then gets at least `floor` tokens when the total allows it (taken from the
+    largest shares) and never more than its count; the result sums exactly to `total`. Ties go to the
+    earlier part, so the split is deterministic.
     """
     n = sum(counts)
     if total > n:
         raise BudgetError(f"budget {total} is larger than the {n} tokens available")
     if total < 0:
         raise BudgetError(f"budget must be non-negative, got {total}")
-    nonempty = [c > 0 for c in counts]
-    base = [min(c, floor) if total >= floor * sum(nonempty) and c > 0 else 0 for c in counts]
-    rest = total - sum(base)
-    room = [c - b for c, b in zip(counts, base)]
-    room_total = sum(room)
-    if rest == 0 or room_total == 0:
-        return base
-    exact = [rest * r / room_total for r in room]
-    share = [min(r, math.floor(e)) for r, e in zip(room, exact)]
-    left = rest - sum(share)
-    order = sorted(range(len(counts)), key=lambda i: (-(exact[i] - share[i]), i))
-    while left > 0:
-        for i in order:
-            if left == 0:
-                break
-            if share[i] < room[i]:
+    if n == 0:
+        return [0] * len(counts)
+    exact = [total * c / n for c in counts]
+    share = [math.floor(e) for e in exact]
+    for i in sorted(range(len(counts)), key=lambda i: (share[i] - exact[i], i))[: total - sum(share)]:
+        share[i] += 1
+    need = [i for i, c in enumerate(counts) if c > 0 and share[i] < floor]
+    if total >= floor * sum(c > 0 for c in counts):
+        for i in need:
+            while share[i] < min(floor, counts[i]):
+                donor = max(range(len(counts)), key=lambda j: (share[j] - floor, -j))
+                share[donor] -= 1
                 share[i] += 1
-                left -= 1
-    return [b + s for b, s in zip(base, share)]
+    return share
 
 
 @dataclass
