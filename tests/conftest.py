@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from tokenreduce.adapters.llava.zoo import build_llava, build_processor
 
 torch.set_num_threads(2)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tokenreduce.adapters.llava.zoo import build_llava
 
 import tokenreduce as tr
-from tokenreduce.adapters.llava.zoo import build_llava
 
 REDUCERS = ["aim-merge", "random", "pool"]
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+from tokenreduce.adapters.llava.zoo import build_llava
 
 import tokenreduce as tr
-from tokenreduce.adapters.llava.zoo import build_llava
 from tokenreduce.merge import AIMMerge
 from tokenreduce.prune import Pool, RandomDrop
 
