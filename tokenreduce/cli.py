@@ -30,6 +30,20 @@ def _cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+class CLIError(Exception):
+    """A bad command-line input; printed as one line, exit code 2."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def load_model(spec: str, attn: str = "sdpa"):
     """(model, processor) from a local checkpoint folder or a built-in preset name (random weights)."""
     import os
@@ -39,14 +53,18 @@ def load_model(spec: str, attn: str = "sdpa"):
     if spec in PRESETS:
         return build_llava_with_processor(spec, attn=attn)
     if not os.path.isdir(spec):
-        raise SystemExit(
+        raise CLIError(
             f"--model {spec!r}: not a local checkpoint folder nor a built-in preset "
             f"({', '.join(PRESETS)}); no download is attempted"
         )
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    model = AutoModelForImageTextToText.from_pretrained(spec, attn_implementation=attn).eval()
-    return model, AutoProcessor.from_pretrained(spec)
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(spec, attn_implementation=attn).eval()
+        processor = AutoProcessor.from_pretrained(spec)
+    except (OSError, ValueError, KeyError) as e:
+        raise CLIError(f"--model {spec!r}: cannot load a vision-language model and processor from it ({e})") from None
+    return model, processor
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -60,11 +78,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     plan = Plan.parse(args.plan)
     if not os.path.isfile(args.image):
-        raise SystemExit(f"--image {args.image!r}: no such file")
+        raise CLIError(f"--image {args.image!r}: no such file")
     try:
         image = Image.open(args.image).convert("RGB")
     except Exception as e:  # PIL raises several types for unreadable files
-        raise SystemExit(f"--image {args.image!r}: cannot read it as an image ({e})") from None
+        raise CLIError(f"--image {args.image!r}: cannot read it as an image ({e})") from None
     model, processor = load_model(args.model, args.attn)
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
     text = processor.apply_chat_template(conversation, add_generation_prompt=True)
@@ -111,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", required=True)
     s.add_argument("--model", default="tiny", help="local checkpoint folder or a built-in preset (default: tiny)")
     s.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
-    s.add_argument("--max-new-tokens", type=int, default=16)
+    s.add_argument("--max-new-tokens", type=_positive_int, default=16)
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_run)
 
@@ -129,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
-    except TokenReduceError as e:
+    except (TokenReduceError, CLIError) as e:
         print(f"tokenreduce: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,157 @@
+"""The `tokenreduce` command line: list, run, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import tokenreduce as tr
+from tokenreduce.cli import main
+
+SHAPES = Path(tr.__file__).resolve().parent / "assets" / "shapes.png"
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `tokenreduce argv`, whether it returns or raises SystemExit."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            code = e.code or 0
+        else:  # SystemExit("message"): Python prints the message to stderr and exits 1
+            print(e.code, file=sys.stderr)
+            code = 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_fails(argv: list[str], capsys, *needles: str) -> str:
+    code, out, err = run_cli(argv, capsys)
+    assert code != 0, f"{argv} succeeded:\n{out}"
+    assert code == 2, f"{argv}: exit code {code}"
+    assert "tokenreduce: error:" in err or "usage:" in err
+    msg = (err + out).lower()
+    for needle in needles:
+        assert needle.lower() in msg, f"{argv}: {needle!r} not in the message:\n{err}{out}"
+    assert "traceback" not in msg
+    return msg
+
+
+def test_list_names_every_reducer_with_its_stage(capsys):
+    code, out, _ = run_cli(["list"], capsys)
+    assert code == 0
+    lines = out.splitlines()
+    for name, cls in tr.reducers().items():
+        row = [line for line in lines if line.split()[:1] == [name]]
+        assert row, f"{name} not listed:\n{out}"
+        assert str(cls.stage) in row[0].split(), f"{name}: stage {cls.stage} not on its row {row[0]!r}"
+    assert {"aim-merge", "random", "pool"} <= set(tr.reducers())
+
+
+def test_list_json(capsys):
+    code, out, _ = run_cli(["list", "--json"], capsys)
+    assert code == 0
+    rows = {r["name"]: r for r in json.loads(out)}
+    assert set(rows) == set(tr.reducers())
+    for name, cls in tr.reducers().items():
+        assert rows[name]["stage"] == str(cls.stage)
+
+
+def test_console_script_entry_point():
+    exe = shutil.which("tokenreduce") or str(Path(sys.executable).parent / "tokenreduce")
+    assert Path(exe).exists(), "the `tokenreduce` console script is not installed (pip install -e .)"
+    proc = subprocess.run([exe, "list"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "aim-merge" in proc.stdout and "visual" in proc.stdout
+
+
+def test_run_json_reports_the_reduction(capsys):
+    code, out, err = run_cli(
+        ["run", "--plan", "aim-merge(keep=0.25)", "--image", str(SHAPES), "--prompt", "What shapes?",
+         "--model", "tiny", "--json", "--max-new-tokens", "4"],
+        capsys,
+    )
+    assert code == 0, err
+    data = json.loads(out)
+    assert isinstance(data["answer"], str)
+    report = data["report"]
+    assert report["plan"] == "aim-merge(keep=0.25)"
+    call = report["calls"][0]
+    stages = {s["stage"]: s["tokens"] for s in call["stages"]}
+    assert stages["input"] == [64]
+    assert stages["aim-merge"] == [16]
+    assert call["seq_in"][0] - call["seq_llm"][0] == 64 - 16
+    assert call["llm_shape"] == [1, call["seq_llm"][0]]
+
+
+def test_run_text_output(capsys):
+    code, out, err = run_cli(
+        ["run", "--plan", "pool(tokens=9)", "--image", str(SHAPES), "--prompt", "Shapes?", "--max-new-tokens", "2"],
+        capsys,
+    )
+    assert code == 0, err
+    assert "answer:" in out and "pool" in out and "9" in out
+
+
+@pytest.fixture()
+def image_path(tmp_path) -> str:
+    path = tmp_path / "img.png"
+    shutil.copy(SHAPES, path)
+    return str(path)
+
+
+def _run_args(plan: str, image: str, model: str = "tiny") -> list[str]:
+    return ["run", "--plan", plan, "--image", image, "--prompt", "What shapes?", "--model", model]
+
+
+def test_unknown_reducer(capsys, image_path):
+    assert_fails(_run_args("nope", image_path), capsys, "unknown reducer", "nope")
+
+
+def test_unknown_reducer_suggests(capsys, image_path):
+    assert_fails(_run_args("aim-merg(keep=0.5)", image_path), capsys, "unknown reducer", "aim-merge")
+
+
+def test_malformed_plan(capsys, image_path):
+    assert_fails(_run_args("aim-merge(keep=", image_path), capsys, "plan")
+
+
+def test_bad_budget(capsys, image_path):
+    assert_fails(_run_args("aim-merge(keep=1.5)", image_path), capsys, "keep")
+
+
+def test_missing_image(capsys, tmp_path):
+    missing = str(tmp_path / "does-not-exist.png")
+    assert_fails(_run_args("aim-merge(keep=0.25)", missing), capsys, "--image", "no such file")
+
+
+def test_non_image_file(capsys, tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("this is not an image\n")
+    assert_fails(_run_args("aim-merge(keep=0.25)", str(text)), capsys, "--image", "image")
+
+
+def test_unknown_model(capsys, image_path, tmp_path):
+    name = str(tmp_path / "no-such-model")
+    assert_fails(_run_args("aim-merge(keep=0.25)", image_path, model=name), capsys, "--model", "no-such-model")
+
+
+def test_usage_errors_exit_2(capsys):
+    code, _, err = run_cli(["run", "--plan", "pool(keep=0.5)"], capsys)  # --image and --prompt missing
+    assert code == 2 and "--image" in err
+
+
+def test_folder_that_is_not_a_checkpoint(capsys, image_path, tmp_path):
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    assert_fails(_run_args("aim-merge(keep=0.25)", image_path, model=str(empty)), capsys, "--model", "cannot load")
+
+
+def test_max_new_tokens_must_be_positive(capsys, image_path):
+    assert_fails(_run_args("aim-merge(keep=0.25)", image_path) + ["--max-new-tokens", "0"], capsys,
+                 "positive integer")
