@@ -11,25 +11,16 @@ from tokenreduce.flops import TransformerDims
 from tokenreduce.registry import register_adapter
 
 
-def text_dims(cfg) -> TransformerDims:
+def config_dims(cfg, gated: bool = True, vocab: int = 0) -> TransformerDims:
+    """`TransformerDims` of a transformers text or vision config (Llama/Qwen2 gated, CLIP/SigLIP plain)."""
     return TransformerDims(
         hidden=cfg.hidden_size,
         intermediate=cfg.intermediate_size,
         layers=cfg.num_hidden_layers,
         heads=cfg.num_attention_heads,
         kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
-        vocab=cfg.vocab_size,
-    )
-
-
-def vision_dims(cfg) -> TransformerDims:
-    return TransformerDims(
-        hidden=cfg.hidden_size,
-        intermediate=cfg.intermediate_size,
-        layers=cfg.num_hidden_layers,
-        heads=cfg.num_attention_heads,
-        kv_heads=cfg.num_attention_heads,
-        gated=False,
+        vocab=vocab,
+        gated=gated,
     )
 
 
@@ -60,12 +51,13 @@ class LlavaAdapter(PlaceholderAdapter):
         return Encoded(features=feats, grids=[_grid(f.shape[0]) for f in feats], seconds=time.perf_counter() - t0)
 
     def llm_dims(self) -> TransformerDims:
-        return text_dims(self.model.config.text_config)
+        tc = self.model.config.text_config
+        return config_dims(tc, vocab=tc.vocab_size)
 
     def vision_dims(self) -> tuple[TransformerDims, int]:
         vc = self.model.config.vision_config
         n = (vc.image_size // vc.patch_size) ** 2 + 1
-        return vision_dims(vc), n
+        return config_dims(vc, gated=False), n
 
 
 def _grid(n: int) -> tuple[int, int]:
