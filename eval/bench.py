@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm-layers", type=int, default=2, help="LLM decoder layers (default 2, to fit a CPU)")
     p.add_argument("--vision-layers", type=int, default=None, help="vision layers (default: the preset's)")
     p.add_argument("--reducers", default=DEFAULT_REDUCERS, help=f"comma list (default {DEFAULT_REDUCERS})")
-    p.add_argument("--keep", default="0.5,0.25,0.11", help="budgets as fractions of the visual tokens")
+    p.add_argument("--keep", default="0.5,0.25,0.111", help="budgets as fractions of the visual tokens")
     p.add_argument("--plans", default=None, help="';'-separated plan strings instead of --reducers x --keep")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
