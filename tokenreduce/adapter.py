@@ -10,6 +10,7 @@ attention mask and positions rebuilt), for `forward` and `generate`.
 
 from __future__ import annotations
 
+import abc
 import functools
 import inspect
 import time
@@ -45,7 +46,7 @@ class Encoded:
     seconds: float = 0.0
 
 
-class Adapter:
+class Adapter(abc.ABC):
     """The contract between the core and one model family."""
 
     #: stages this adapter can run reducers at
@@ -64,11 +65,13 @@ class Adapter:
                     f"{', '.join(sorted(str(s) for s in self.stages))})"
                 )
 
+    @abc.abstractmethod
     def install(self, handle: Handle) -> None:
-        raise NotImplementedError
+        """Put hooks/patches on the model instance; all state goes on `self` or `handle`."""
 
+    @abc.abstractmethod
     def remove(self) -> None:
-        raise NotImplementedError
+        """Undo everything `install` did."""
 
     def llm_dims(self) -> TransformerDims | None:
         return None
@@ -98,9 +101,9 @@ class PlaceholderAdapter(Adapter):
         self._prefill_start: float | None = None
 
     # -- to implement per family -------------------------------------------------------------
+    @abc.abstractmethod
     def encode(self, kwargs: dict[str, Any]) -> Encoded | None:
         """Pop the visual inputs from `kwargs`; return their projected features (None if there are none)."""
-        raise NotImplementedError
 
     def placeholder_ids(self) -> Tensor:
         return torch.tensor([self.model.config.image_token_id])
