@@ -1,10 +1,14 @@
 """`tokenreduce bench`: time to first token, LLM prefill time and peak memory, unreduced vs reduced.
 
-Every plan is measured in the same process as the unreduced model, round-robin over repeats so drift
-(thermal, page cache) does not favour either side. The figure of merit is the **speedup efficiency**:
-measured speedup / ideal speedup, the ideal being the ratio of FLOPs implied by the token counts
-(DESIGN.md section 6). Results are rewritten to JSON after every round, so a killed run keeps what
-finished.
+Every plan is measured in the same process as the unreduced model, round-robin over repeats, every other
+round in reverse order, so drift (thermal, page cache) does not favour either side. The figure of merit
+is the **speedup efficiency**: measured speedup / ideal speedup, the ideal being the ratio of FLOPs
+implied by the token counts (DESIGN.md section 6). Results are rewritten to JSON after every round, so a
+killed run keeps what finished.
+
+Two unreduced measurements are taken: `none` (the plan with no reducers, attached: same code path as a
+reduced plan, so it gives the vision/prefill split and is the baseline of every speedup) and `stock`
+(nothing attached: the model as Hugging Face ships it); `stock` vs `none` is the cost of the hooks.
 """
 
 from __future__ import annotations
@@ -25,26 +29,53 @@ from typing import Any
 import torch
 
 DEFAULT_REDUCERS = "aim-merge,random,pool"
+#: 50%, 25% and 11% of the visual tokens (288, 144 and 64 of LLaVA-1.5's 576)
+DEFAULT_KEEP = "0.5,0.25,0.111"
+PROMPT = "Describe the image."
+
+
+def _count(minimum: int):
+    """An argparse type: an integer >= `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `tokenreduce bench`."""
     p.add_argument("--preset", default="llava-1.5-7b-shape", help="model preset (default: LLaVA-1.5-7B widths)")
-    p.add_argument("--llm-layers", type=int, default=2, help="LLM decoder layers (default 2, to fit a CPU)")
-    p.add_argument("--vision-layers", type=int, default=None, help="vision layers (default: the preset's)")
+    p.add_argument("--llm-layers", type=_count(1), default=2, help="LLM decoder layers (default 2, to fit a CPU)")
+    p.add_argument("--vision-layers", type=_count(1), default=None, help="vision layers (default: the preset's)")
     p.add_argument("--reducers", default=DEFAULT_REDUCERS, help=f"comma list (default {DEFAULT_REDUCERS})")
-    p.add_argument("--keep", default="0.5,0.25,0.111", help="budgets as fractions of the visual tokens")
-    p.add_argument("--plans", default=None, help="';'-separated plan strings instead of --reducers x --keep")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--keep", default=None,
+                        help=f"budgets as fractions of the visual tokens (default {DEFAULT_KEEP})")
+    budget.add_argument("--budgets", default=None, help="budgets as visual-token counts, e.g. 288,144,64")
+    p.add_argument("--plans", default=None, help="';'-separated plan strings instead of --reducers x budgets")
+    p.add_argument("--repeats", type=_count(1), default=3, help="measured rounds (median and min reported)")
+    p.add_argument("--warmup", type=_count(0), default=1, help="unmeasured rounds over every plan first")
+    p.add_argument("--batch", type=_count(1), default=1, help="copies of the prompt and image per call")
+    p.add_argument("--threads", type=_count(1), default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--out", default="bench-results/bench.json")
+    p.add_argument("--out", default="bench-results/bench.json", help="JSON path (parent folders are created)")
 
 
 class PeakRSS:
-    """Peak resident memory above the level at entry, sampled every millisecond (CPU runs).
+    """Peak resident memory above the level at entry (CPU runs), in `mib`.
 
-    Freed heap is returned to the OS first (`malloc_trim`) so one run's leftovers do not hide the next.
+    Freed heap is returned to the OS first (`malloc_trim`) so one run's leftovers do not hide the next. The
+    peak is the kernel's high-water mark (`VmHWM`, reset by writing 5 to /proc/self/clear_refs): exact and
+    free. Where that reset is refused, a thread samples the RSS every millisecond instead (`method` says
+    which); on a machine with few cores that thread slows the timed call by several percent.
     """
 
     def __enter__(self) -> PeakRSS:
@@ -52,72 +83,104 @@ class PeakRSS:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):
             pass
-        self.page = os.sysconf("SC_PAGE_SIZE")
-        self.base = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+            self.method = "VmHWM"
+        except OSError:
+            self.method = "sampled 1 ms"
+        self.base = self.peak = self._status("VmRSS")
+        if self.method != "VmHWM":
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
         return self
 
-    def _rss(self) -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * self.page
+    @staticmethod
+    def _status(key: str) -> int:
+        """A `/proc/self/status` figure ("VmRSS", "VmHWM") in bytes."""
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+        raise OSError(f"no {key} in /proc/self/status")
 
     def _sample(self) -> None:
         while not self._stop.wait(0.001):
-            self.peak = max(self.peak, self._rss())
+            self.peak = max(self.peak, self._status("VmRSS"))
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        self.peak = max(self.peak, self._status("VmHWM" if self.method == "VmHWM" else "VmRSS"))
 
     @property
     def mib(self) -> float:
         return (self.peak - self.base) / 2**20
 
 
-def _inputs(processor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def _inputs(processor, dtype: torch.dtype, batch: int = 1) -> dict[str, torch.Tensor]:
+    """The shipped test image and a one-question chat prompt, `batch` times, through the processor."""
     from PIL import Image
 
     path = resources.files("tokenreduce") / "assets" / "shapes.png"
     with resources.as_file(path) as p:
         image = Image.open(p).convert("RGB")
-    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+    conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
     text = processor.apply_chat_template(conv, add_generation_prompt=True)
-    inputs = dict(processor(text=text, images=image, return_tensors="pt"))
+    inputs = dict(processor(text=[text] * batch, images=[image] * batch, return_tensors="pt"))
     inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     return inputs
 
 
-def measure(model, inputs: dict[str, Any], plan: str) -> dict[str, Any]:
-    """One time-to-first-token measurement of `plan` ("none" = unreduced, same code path)."""
+def measure(model, inputs: dict[str, Any], plan: str | None) -> dict[str, Any]:
+    """One time-to-first-token measurement of `plan` ("none": no reducers, attached; None: nothing attached)."""
+    import contextlib
+
     import tokenreduce as tr
 
     cuda = torch.cuda.is_available()
     if cuda:
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    with PeakRSS() as mem, tr.apply(model, plan, sync_timing=True) as run, torch.inference_mode():
+        allocated = torch.cuda.memory_allocated()
+    attached = tr.apply(model, plan, sync_timing=True) if plan is not None else contextlib.nullcontext()
+    with PeakRSS() as mem, attached as run, torch.inference_mode():
         t0 = time.perf_counter()
         model.generate(**inputs, max_new_tokens=1, do_sample=False)
         if cuda:
             torch.cuda.synchronize()
         ttft = time.perf_counter() - t0
-    call = run.report.last
-    return {
-        "ttft": ttft,
-        "vision": call.times["vision"],
-        "prefill": call.times["prefill"],
-        "reduce": sum(v for k, v in call.times.items() if k.startswith("reduce:")),
-        "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else mem.mib,
-        "tokens": call.tokens()[0],
-        "seq_llm": call.seq_llm[0],
-        "flops": dict(call.flops),
-    }
+    rec = {"ttft": ttft, "peak_mib": (torch.cuda.max_memory_allocated() - allocated) / 2**20 if cuda else mem.mib,
+           "memory_method": "cuda max_memory_allocated" if cuda else mem.method}
+    if run is not None:
+        call = run.report.last
+        rec.update(
+            vision=call.times["vision"],
+            prefill=call.times["prefill"],
+            reduce=sum(v for k, v in call.times.items() if k.startswith("reduce:")),
+            tokens=call.tokens()[0],
+            seq_llm=call.seq_llm[0],
+            seq_llm_total=sum(call.seq_llm),
+            flops=dict(call.flops),
+        )
+    return rec
+
+
+def _ideal(f: dict[str, float], fb: dict[str, float]) -> tuple[float, float]:
+    """(ideal prefill speedup, ideal TTFT speedup) of FLOPs `f` against the unreduced `fb`."""
+    prefill = fb["llm_prefill"] / f["llm_prefill"]
+    ttft = (fb.get("vision", 0.0) + fb["llm_prefill"]) / (f.get("vision", 0.0) + f["llm_prefill"])
+    return prefill, ttft
 
 
 def summarize(plan: str, runs: list[dict[str, Any]], base: dict[str, Any] | None, kv_bytes_per_token: float):
-    """Medians of the repeats, speedups against the baseline record and the ideal speedups from FLOPs."""
+    """Medians (and minima) of the repeats, speedups against the baseline record, ideal speedups from FLOPs.
+
+    Speedups and efficiencies use medians; `*_efficiency_min` use each side's fastest repeat instead.
+    """
     med = {k: statistics.median(r[k] for r in runs) for k in ("ttft", "vision", "prefill", "reduce", "peak_mib")}
     first = runs[0]
     rec: dict[str, Any] = {
@@ -127,37 +190,58 @@ def summarize(plan: str, runs: list[dict[str, Any]], base: dict[str, Any] | None
         "ttft_ms": med["ttft"] * 1e3,
         "ttft_ms_min": min(r["ttft"] for r in runs) * 1e3,
         "prefill_ms": med["prefill"] * 1e3,
+        "prefill_ms_min": min(r["prefill"] for r in runs) * 1e3,
+        "ttft_ms_all": [r["ttft"] * 1e3 for r in runs],
+        "prefill_ms_all": [r["prefill"] * 1e3 for r in runs],
         "vision_ms": med["vision"] * 1e3,
         "reduce_ms": med["reduce"] * 1e3,
         "peak_mib": med["peak_mib"],
-        "kv_cache_mib": kv_bytes_per_token * first["seq_llm"] / 2**20,
+        "memory_method": first["memory_method"],
+        "kv_cache_mib": kv_bytes_per_token * first["seq_llm_total"] / 2**20,
         "flops": first["flops"],
         "repeats": len(runs),
     }
     if base is not None:
-        f, fb = first["flops"], base["flops"]
-        ideal_prefill = fb["llm_prefill"] / f["llm_prefill"]
-        ideal_ttft = (fb["vision"] + fb["llm_prefill"]) / (f["vision"] + f["llm_prefill"])
+        ideal_prefill, ideal_ttft = _ideal(first["flops"], base["flops"])
         rec["prefill_speedup"] = base["prefill_ms"] / rec["prefill_ms"]
         rec["ttft_speedup"] = base["ttft_ms"] / rec["ttft_ms"]
         rec["ideal_prefill_speedup"] = ideal_prefill
         rec["ideal_ttft_speedup"] = ideal_ttft
         rec["prefill_efficiency"] = rec["prefill_speedup"] / ideal_prefill
         rec["ttft_efficiency"] = rec["ttft_speedup"] / ideal_ttft
+        # the same from the fastest repeat of each side (noise on a shared machine only ever adds time)
+        rec["prefill_efficiency_min"] = base["prefill_ms_min"] / rec["prefill_ms_min"] / ideal_prefill
+        rec["ttft_efficiency_min"] = base["ttft_ms_min"] / rec["ttft_ms_min"] / ideal_ttft
     return rec
+
+
+def summarize_stock(runs: list[dict[str, Any]], base: dict[str, Any]) -> dict[str, Any]:
+    """The model with nothing attached: TTFT and memory only, and the hooks' cost (`none` minus `stock`)."""
+    ttft = statistics.median(r["ttft"] for r in runs) * 1e3
+    return {
+        "plan": "stock",
+        "ttft_ms": ttft,
+        "ttft_ms_min": min(r["ttft"] for r in runs) * 1e3,
+        "peak_mib": statistics.median(r["peak_mib"] for r in runs),
+        "memory_method": runs[0]["memory_method"],
+        "hook_overhead_ms": base["ttft_ms"] - ttft,
+        "repeats": len(runs),
+    }
 
 
 COLUMNS = [
     ("plan", "plan", "{}"), ("visual_tokens", "vis tok", "{}"), ("seq_llm", "LLM seq", "{}"),
     ("ttft_ms", "TTFT ms", "{:.0f}"), ("vision_ms", "vision ms", "{:.0f}"), ("prefill_ms", "prefill ms", "{:.0f}"),
-    ("reduce_ms", "reduce ms", "{:.1f}"), ("prefill_speedup", "prefill x", "{:.2f}"),
-    ("ideal_prefill_speedup", "ideal x", "{:.2f}"), ("prefill_efficiency", "prefill eff", "{:.2f}"),
-    ("ttft_speedup", "TTFT x", "{:.2f}"), ("ideal_ttft_speedup", "ideal TTFT x", "{:.2f}"),
-    ("ttft_efficiency", "TTFT eff", "{:.2f}"), ("peak_mib", "peak MiB", "{:.0f}"), ("kv_cache_mib", "KV MiB", "{:.1f}"),
+    ("reduce_ms", "reduce ms", "{:.1f}"), ("ttft_speedup", "TTFT x", "{:.2f}"),
+    ("ideal_ttft_speedup", "ideal TTFT x", "{:.2f}"), ("ttft_efficiency", "TTFT eff", "{:.2f}"),
+    ("prefill_speedup", "prefill x", "{:.2f}"), ("ideal_prefill_speedup", "ideal prefill x", "{:.2f}"),
+    ("prefill_efficiency", "prefill eff", "{:.2f}"), ("peak_mib", "peak MiB", "{:.0f}"),
+    ("kv_cache_mib", "KV MiB", "{:.1f}"),
 ]
 
 
 def table(records: list[dict[str, Any]]) -> str:
+    """A fixed-width text table of the records ('-' where a record has no such field)."""
     cells = [[h for _, h, _ in COLUMNS]]
     for r in records:
         cells.append([fmt.format(r[k]) if k in r else "-" for k, _, fmt in COLUMNS])
@@ -167,32 +251,75 @@ def table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(args: argparse.Namespace) -> int:
-    from tokenreduce.adapters.llava.zoo import build_llava_with_processor
-
-    dtype = getattr(torch, args.dtype)
-    t_build = time.perf_counter()
-    model, processor = build_llava_with_processor(
-        args.preset, attn=args.attn, dtype=dtype, llm_layers=args.llm_layers, vision_layers=args.vision_layers
-    )
-    inputs = _inputs(processor, dtype)
-    n_visual = int((inputs["input_ids"] == model.config.image_token_id).sum())
+def plan_list(args: argparse.Namespace, n_visual: int) -> list[str]:
+    """"none" first, then `--plans`, or every reducer at every budget (`--budgets` tokens or `--keep` fractions)."""
     if args.plans:
         plans = [p.strip() for p in args.plans.split(";") if p.strip()]
     else:
-        keeps = [float(k) for k in args.keep.split(",")]
-        plans = [f"{r}(tokens={max(1, round(k * n_visual))})" for k in keeps for r in args.reducers.split(",")]
-    plans = ["none", *plans]
-    print(f"built {args.preset} ({args.llm_layers} LLM layers) in {time.perf_counter() - t_build:.1f}s; "
-          f"{n_visual} visual tokens; {len(plans)} plans x {args.repeats} repeats", file=sys.stderr)
+        if args.budgets:
+            budgets = [int(b) for b in args.budgets.split(",")]
+        else:
+            budgets = [max(1, round(float(k) * n_visual)) for k in (args.keep or DEFAULT_KEEP).split(",")]
+        plans = [f"{r.strip()}(tokens={b})" for b in budgets for r in args.reducers.split(",")]
+    return ["none", *dict.fromkeys(p for p in plans if p != "none")]
+
+
+def _write(out: Path, data: dict[str, Any]) -> None:
+    """Write JSON through a temporary file, so a run killed mid-write leaves the previous round's file."""
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, out)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Build the model, measure `stock`, `none` and every plan round-robin, print the table, write JSON."""
+    from tokenreduce.adapters.llava.zoo import PRESETS, build_llava_with_processor
+
+    from tokenreduce.cli import CLIError
+    from tokenreduce.plan import Plan
+
+    if args.preset not in PRESETS:
+        raise CLIError(f"--preset {args.preset!r}: not a built-in preset ({', '.join(PRESETS)})")
+    if args.budgets:
+        try:
+            budgets = [int(b) for b in args.budgets.split(",")]
+        except ValueError:
+            raise CLIError(f"--budgets {args.budgets!r}: expected comma-separated token counts") from None
+        if min(budgets) < 1:
+            raise CLIError(f"--budgets {args.budgets!r}: token counts must be positive")
+    if args.keep:
+        try:
+            keeps = [float(k) for k in args.keep.split(",")]
+        except ValueError:
+            raise CLIError(f"--keep {args.keep!r}: expected comma-separated fractions") from None
+        if not all(0 < k <= 1 for k in keeps):
+            raise CLIError(f"--keep {args.keep!r}: fractions must be in (0, 1]")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    t_start = time.perf_counter()
+    model, processor = build_llava_with_processor(
+        args.preset, attn=args.attn, dtype=dtype, llm_layers=args.llm_layers, vision_layers=args.vision_layers
+    )
+    if torch.cuda.is_available():
+        model = model.cuda()
+    inputs = _inputs(processor, dtype, args.batch)
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    n_visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    plans = plan_list(args, n_visual)
+    for plan in plans:
+        Plan.parse(plan)  # a bad plan fails here, before anything is measured
+    too_big = [b for b in (int(b) for b in (args.budgets or "").split(",") if b) if b > n_visual]
+    if too_big:
+        raise CLIError(f"--budgets: {too_big} exceed the {n_visual} visual tokens per image")
+    order: list[str | None] = [None, *plans]  # None: the stock model, nothing attached
+    print(f"built {args.preset} ({model.config.text_config.num_hidden_layers} LLM layers) in "
+          f"{time.perf_counter() - t_start:.1f}s; {n_visual} visual tokens; {len(order)} measurements x "
+          f"({args.warmup} warmup + {args.repeats}) rounds", file=sys.stderr)
 
     tc = model.config.text_config
-    head_dim = tc.hidden_size // tc.num_attention_heads
+    head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     kv_per_token = 2 * tc.num_hidden_layers * tc.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8
-    for i in range(args.warmup):
-        print(f"warmup {i + 1}/{args.warmup}", file=sys.stderr)
-        measure(model, inputs, plans[0])
-    runs: dict[str, list[dict[str, Any]]] = {p: [] for p in plans}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -202,16 +329,30 @@ def main(args: argparse.Namespace) -> int:
         "config": {k: v for k, v in vars(args).items() if k != "fn"},
         "visual_tokens_per_image": n_visual,
     }
+    runs: dict[str | None, list[dict[str, Any]]] = {p: [] for p in order}
     records: list[dict[str, Any]] = []
-    for rep in range(args.repeats):
-        for j, plan in enumerate(plans):
-            print(f"[round {rep + 1}/{args.repeats}] [{j + 1}/{len(plans)}] {plan}", file=sys.stderr)
-            runs[plan].append(measure(model, inputs, plan))
+    stock: dict[str, Any] = {}
+    rounds = args.warmup + args.repeats
+    for rnd in range(rounds):
+        warm = rnd < args.warmup
+        tag = f"warmup {rnd + 1}/{args.warmup}" if warm else f"round {rnd - args.warmup + 1}/{args.repeats}"
+        # forward, backward, forward, ...: a linear drift over a round cancels between the plans
+        for j, plan in enumerate(order if (rnd - args.warmup) % 2 == 0 else order[::-1]):
+            print(f"[{tag}] [{j + 1}/{len(order)}] {plan or 'stock (nothing attached)'}", file=sys.stderr, flush=True)
+            m = measure(model, inputs, plan)
+            if not warm:
+                runs[plan].append(m)
+        if warm:
+            continue
         base = summarize("none", runs["none"], None, kv_per_token)
         records = [summarize(p, runs[p], base, kv_per_token) for p in plans]
-        out.write_text(json.dumps({**meta, "rounds_done": rep + 1, "results": records}, indent=2))
-    print(table(records))
-    print(f"\nwrote {out}")
+        stock = summarize_stock(runs[None], records[0])
+        _write(out, {**meta, "rounds_done": rnd - args.warmup + 1, "wall_s": time.perf_counter() - t_start,
+                     "stock": stock, "results": records})
+    if records:
+        print(table([stock, *records]))
+        print(f"\nstock model {stock['ttft_ms']:.0f} ms, plan 'none' {records[0]['ttft_ms']:.0f} ms: hooks cost "
+              f"{stock['hook_overhead_ms']:.1f} ms; {time.perf_counter() - t_start:.0f} s in all; wrote {out}")
     return 0
 
 
