@@ -281,19 +281,9 @@ def main(args: argparse.Namespace) -> int:
     if args.preset not in PRESETS:
         raise CLIError(f"--preset {args.preset!r}: not a built-in preset ({', '.join(PRESETS)})")
     if args.budgets:
-        try:
-            budgets = [int(b) for b in args.budgets.split(",")]
-        except ValueError:
-            raise CLIError(f"--budgets {args.budgets!r}: expected comma-separated token counts") from None
-        if min(budgets) < 1:
-            raise CLIError(f"--budgets {args.budgets!r}: token counts must be positive")
+        budgets = _number_list(args.budgets, "--budgets", int, lambda b: b >= 1, "token counts must be positive")
     if args.keep:
-        try:
-            keeps = [float(k) for k in args.keep.split(",")]
-        except ValueError:
-            raise CLIError(f"--keep {args.keep!r}: expected comma-separated fractions") from None
-        if not all(0 < k <= 1 for k in keeps):
-            raise CLIError(f"--keep {args.keep!r}: fractions must be in (0, 1]")
+        keeps = _number_list(args.keep, "--keep", float, lambda k: 0 < k <= 1, "fractions must be in (0, 1]")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
@@ -365,3 +355,16 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def _number_list(text: str, flag: str, kind: type, ok, rule: str) -> list:
+    """Parse a comma-separated list of numbers for `flag`, raising a one-line CLI error if it is bad."""
+    from tokenreduce.cli import CLIError
+
+    try:
+        values = [kind(v) for v in text.split(",")]
+    except ValueError:
+        raise CLIError(f"{flag} {text!r}: expected comma-separated {kind.__name__} values") from None
+    if not all(ok(v) for v in values):
+        raise CLIError(f"{flag} {text!r}: {rule}")
+    return values

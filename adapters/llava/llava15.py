@@ -6,6 +6,8 @@ import math
 import time
 from typing import Any
 
+import torch
+
 from tokenreduce.adapter import Encoded, PlaceholderAdapter
 from tokenreduce.flops import TransformerDims
 from tokenreduce.registry import register_adapter
@@ -37,7 +39,6 @@ class LlavaAdapter(PlaceholderAdapter):
         mm = kwargs.pop("mm_encoder_outputs", None)
         extra = {k: kwargs.pop(k) for k in ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
                  if kwargs.get(k) is not None}
-        kwargs.pop("image_sizes", None)
         t0 = time.perf_counter()
         if mm is not None and mm.get("image") is not None:
             feats = mm["image"].pooler_output
@@ -47,7 +48,8 @@ class LlavaAdapter(PlaceholderAdapter):
         else:
             return None
         self._handle._sync()
-        feats = list(feats) if not hasattr(feats, "dim") else list(feats.unbind(0)) if feats.dim() == 3 else [feats]
+        # pooler_output is a (n_images, tokens, D) tensor or a sequence of (tokens, D) tensors
+        feats = list(feats.unbind(0)) if isinstance(feats, torch.Tensor) else list(feats)
         return Encoded(features=feats, grids=[_grid(f.shape[0]) for f in feats], seconds=time.perf_counter() - t0)
 
     def llm_dims(self) -> TransformerDims:

@@ -92,7 +92,7 @@ class AIMMerge(BudgetedReducer):
 
     def reduce(self, batch: list[VisualTokens], contexts: list[Context]) -> list[VisualTokens]:
         # gather every (sample, item) and batch the ones of equal (t, k) together
-        groups: dict[tuple[int, int], list[tuple[int, Tensor]]] = defaultdict(list)
+        groups: dict[tuple[int, int], list[tuple[int, int, Tensor]]] = defaultdict(list)
         budgets = []
         for s, vt in enumerate(batch):
             ks = self.item_budgets(vt)
@@ -100,15 +100,14 @@ class AIMMerge(BudgetedReducer):
             for i, k in enumerate(ks):
                 idx = torch.nonzero(vt.item == i).flatten()
                 if idx.numel():
-                    groups[(idx.numel(), k)].append((s, idx))
+                    groups[(idx.numel(), k)].append((s, i, idx))
         assigns = [torch.full((len(vt),), -1, dtype=torch.long, device=vt.features.device) for vt in batch]
         feats: list[list[tuple[Tensor, Tensor]]] = [[] for _ in batch]  # (group ids, features)
         offsets = [torch.tensor([0, *ks], device=vt.features.device).cumsum(0) for vt, ks in zip(batch, budgets)]
         for (_, k), members in groups.items():
-            x = torch.stack([batch[s].features[idx] for s, idx in members])
+            x = torch.stack([batch[s].features[idx] for s, _, idx in members])
             merged, assign, _ = bipartite_merge(x, k, self.weighted)
-            for j, (s, idx) in enumerate(members):
-                item = int(batch[s].item[idx[0]])
+            for j, (s, item, idx) in enumerate(members):
                 base = offsets[s][item]
                 assigns[s][idx] = assign[j] + base
                 feats[s].append((base + torch.arange(k, device=merged.device), merged[j]))
