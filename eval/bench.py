@@ -280,10 +280,11 @@ def main(args: argparse.Namespace) -> int:
 
     if args.preset not in PRESETS:
         raise CLIError(f"--preset {args.preset!r}: not a built-in preset ({', '.join(PRESETS)})")
+    # validate before the (slow) model build; the plan list is built from the same flags later
     if args.budgets:
-        budgets = _number_list(args.budgets, "--budgets", int, lambda b: b >= 1, "token counts must be positive")
+        _number_list(args.budgets, "--budgets", int, lambda b: b >= 1, "token counts must be positive")
     if args.keep:
-        keeps = _number_list(args.keep, "--keep", float, lambda k: 0 < k <= 1, "fractions must be in (0, 1]")
+        _number_list(args.keep, "--keep", float, lambda k: 0 < k <= 1, "fractions must be in (0, 1]")
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
