@@ -11,6 +11,7 @@ attention mask and positions rebuilt), for `forward` and `generate`.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import functools
 import inspect
 import time
@@ -20,30 +21,60 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
+from .encoder import EncoderReducer, VisionTower, run_tower
 from .errors import InputError, UnsupportedModelError
 from .flops import TransformerDims
 from .plan import Context, Plan, Stage
 from .report import CallReport
 from .sequence import placeholder_runs, repack, split_runs
-from .tokens import VisualTokens
+from .tokens import ItemInfo, VisualTokens
 
 if TYPE_CHECKING:
     from .attach import Handle
 
 
 @dataclass
-class Encoded:
-    """Projected visual features of every image in a call, in the order of the prompt's placeholders.
+class ImageLayout:
+    """How one image (or video) of a prompt expands into placeholder tokens, item by item.
 
-    Attributes:
-        features: one (n_i, D) tensor per image (flattened over the batch).
-        grids: (h, w) per image with h*w == n_i.
-        seconds: time the encoder took.
+    Attributes (T = grid tokens of all the image's items, raster order item after item):
+        items: what each tower item of the image is (overview, crop, frame, ...).
+        grids: (h, w) token grid of each item.
+        slots: (T,) long, offset of each grid token inside the image's placeholder run; -1 for a token
+            with no placeholder (anyres padding), which is dropped before the VISUAL stage.
+        length: number of placeholders of the image.
+        extra_slots: (E,) long, offsets of tokens that are not grid tokens (e.g. row newlines).
+        extra_owner: (T,) long, the extra token each grid token keeps alive (-1: none). An extra token
+            enters the LLM iff one of its grid tokens survives; it is not counted in budgets.
+        extra_features: (E, D) features of the extra tokens, or None.
     """
 
-    features: list[Tensor]
+    items: list[ItemInfo]
     grids: list[tuple[int, int]]
-    seconds: float = 0.0
+    slots: Tensor
+    length: int
+    extra_slots: Tensor | None = None
+    extra_owner: Tensor | None = None
+    extra_features: Tensor | None = None
+
+    @classmethod
+    def single(cls, grid: tuple[int, int], info: ItemInfo | None = None) -> ImageLayout:
+        """One grid, one placeholder per token (LLaVA-1.5)."""
+        n = grid[0] * grid[1]
+        return cls(items=[info or ItemInfo()], grids=[grid], slots=torch.arange(n), length=n)
+
+
+@dataclass
+class VisualInputs:
+    """The visual inputs of one call, popped from the caller's kwargs by the adapter.
+
+    Attributes:
+        pixel_values: (G, C, H, W), one row per tower item, images in prompt order.
+        layouts: one per image (or video), in prompt order.
+    """
+
+    pixel_values: Tensor
+    layouts: list[ImageLayout]
 
 
 class Adapter(abc.ABC):
@@ -84,13 +115,20 @@ class Adapter(abc.ABC):
 class PlaceholderAdapter(Adapter):
     """Shared machinery for VLMs with expanded placeholder ids and `mm_encoder_outputs` (see module doc).
 
-    Subclasses implement `encode` (pop the visual inputs from the kwargs and return their projected
-    features) and may override `placeholder_ids`, `pack` and `language_model`.
+    Subclasses implement `visual_inputs` (pop the visual inputs and say how each image expands into
+    placeholders), `tower` and `project`, and may override `placeholder_ids`, `pack` and `language_model`.
     """
 
-    stages = frozenset({Stage.VISUAL})
-    #: keyword arguments of forward/generate that carry visual inputs (popped by `encode`)
-    visual_keys: tuple[str, ...] = ("pixel_values", "image_sizes", "mm_encoder_outputs")
+    def check(self, plan: Plan) -> None:
+        super().check(plan)
+        for r in plan.reducers:
+            if any(p.kind == "cls" for p in r.probes()) and not self.has_cls():
+                raise UnsupportedModelError(
+                    f"{r.name} scores tokens by the vision tower's CLS attention, and the vision tower of "
+                    f"{type(self.model).__name__} has no CLS token"
+                )
+
+    stages = frozenset({Stage.ENCODER, Stage.VISUAL})
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -102,8 +140,19 @@ class PlaceholderAdapter(Adapter):
 
     # -- to implement per family -------------------------------------------------------------
     @abc.abstractmethod
-    def encode(self, kwargs: dict[str, Any]) -> Encoded | None:
-        """Pop the visual inputs from `kwargs`; return their projected features (None if there are none)."""
+    def visual_inputs(self, kwargs: dict[str, Any]) -> VisualInputs | None:
+        """Pop the visual inputs (pixel values and their options) from `kwargs`; None if there are none."""
+
+    @abc.abstractmethod
+    def tower(self) -> VisionTower:
+        """The vision tower, described for the core's layer-by-layer runner (see `tokenreduce.encoder`)."""
+
+    @abc.abstractmethod
+    def project(self, features: Tensor) -> Tensor:
+        """Map vision features (..., Dv) into the LLM's embedding space (..., D)."""
+
+    def has_cls(self) -> bool:
+        return self.tower().prefix > 0
 
     def placeholder_ids(self) -> Tensor:
         return torch.tensor([self.model.config.image_token_id])
@@ -224,50 +273,55 @@ class PlaceholderAdapter(Adapter):
             )
         if kw.get("inputs_embeds") is not None:
             raise InputError("pass input_ids or inputs_embeds, not both, when a plan is attached")
+        if kw.pop("mm_encoder_outputs", None) is not None:
+            raise InputError(
+                "mm_encoder_outputs cannot be reduced: tokenreduce encodes the images itself; pass pixel_values"
+            )
         mask = kw.get("attention_mask")
         if mask is None:
             mask = torch.ones_like(input_ids)
-        enc = self.encode(kw)
-        assert enc is not None
+        vis = self.visual_inputs(kw)
+        assert vis is not None
         call = CallReport(kind=kind, batch_size=input_ids.shape[0])
         self._call = call
-        call.times["vision"] = enc.seconds
-
-        # which images belong to which sample: cut each sample's placeholder runs by image size
-        runs = placeholder_runs(input_ids, mask, self.placeholder_ids().to(input_ids.device))
-        sizes = [f.shape[0] for f in enc.features]
-        batch, contexts, img = [], [], 0
-        for b, sample_runs in enumerate(runs):
-            n_ph = sum(r.numel() for r in sample_runs)
-            start, acc = img, 0
-            while acc < n_ph and img < len(sizes):
-                acc += sizes[img]
-                img += 1
-            pieces = split_runs(sample_runs, sizes[start:img], b)
-            if not pieces:
-                raise InputError(f"sample {b} has no visual placeholder tokens; every sample needs an image")
-            vt = VisualTokens.from_items(enc.features[start:img], enc.grids[start:img], torch.cat(pieces))
-            text = mask[b].bool().clone()
-            text[vt.position] = False
-            batch.append(vt)
-            contexts.append(
-                Context(sample=b, batch_size=len(runs), query_ids=input_ids[b, text], model=self.model)
-            )
-        if img != len(sizes):
-            raise InputError(
-                f"{len(sizes)} images were given but the prompts' placeholders account for {img}; "
-                "let the model's processor expand the image token"
-            )
+        batch, extras, contexts = self._original_tokens(input_ids, mask, vis)
         call.stages.append(("input", [len(v) for v in batch]))
+
+        # the vision tower, layer by layer, with the ENCODER reducers and every reducer's probes
+        probes = [p for r in handle.plan.reducers for p in r.probes()]
+        enc = [r for r in handle.plan.at(Stage.ENCODER) if isinstance(r, EncoderReducer)]
+        with torch.no_grad():
+            run = run_tower(self.tower(), vis.pixel_values, batch, enc, probes, contexts, handle._sync)
+            t0 = time.perf_counter()
+            flat = self.project(torch.cat([v.features for v in run.batch]))
+            handle._sync()
+        call.times["vision"] = run.seconds + time.perf_counter() - t0
+        call.times.update(run.times)
+        call.stages.extend(run.stages)
+        batch = [v.with_features(f) for v, f in zip(run.batch, flat.split([len(v) for v in run.batch]))]
+        # tokens without a placeholder (anyres padding) never reach the LLM
+        batch = [v if bool((v.position >= 0).all()) else v.select(torch.nonzero(v.position >= 0).flatten())
+                 for v in batch]
         batch = handle._run_stage(Stage.VISUAL, batch, contexts, call)
 
-        # tokens in prompt order, then the shorter sequences
+        # tokens (and the extra tokens they keep alive) in prompt order, then the shorter sequences
+        runs_keep, feats = [], []
+        for v, (ex_pos, ex_owner, ex_feat) in zip(batch, extras):
+            pos, f = v.position, v.features
+            if ex_pos.numel():
+                alive = torch.unique(ex_owner[_original_index(v)])
+                alive = alive[alive >= 0]
+                pos = torch.cat([pos, ex_pos[alive]])
+                f = torch.cat([f, ex_feat[alive].to(f.dtype)])
+            order = torch.argsort(pos, stable=True)
+            runs_keep.append(pos[order])
+            feats.append(f[order])
         batch = [v.select(torch.argsort(v.position, stable=True)) for v in batch]
+        placeholders = torch.isin(input_ids, self.placeholder_ids().to(input_ids.device))
         keep = []
-        for b, v in enumerate(batch):
-            slots = mask[b].bool().clone()
-            slots[torch.cat(runs[b])] = False  # drop every placeholder ...
-            slots[v.position] = True  # ... and put back one per surviving token
+        for b in range(input_ids.shape[0]):
+            slots = mask[b].bool() & ~placeholders[b]
+            slots[runs_keep[b]] = True
             keep.append(torch.nonzero(slots).flatten())
         pad = self.model.config.get_text_config().pad_token_id
         ids, new_mask, positions = repack(input_ids, mask, keep, 0 if pad is None else int(pad))
@@ -277,10 +331,66 @@ class PlaceholderAdapter(Adapter):
         call.llm_shape = tuple(ids.shape)
         call.positions = positions
         call.visual = batch
+        call.extra_tokens = [int(r.numel()) - len(v) for r, v in zip(runs_keep, batch)]
+        call.vision_layers = run.layers_run
         self._estimate_flops(call)
         handle.report.calls.append(call)
-        mm = self.pack([v.features for v in batch])
-        return {"input_ids": ids, "attention_mask": new_mask, "mm_encoder_outputs": mm}
+        return {"input_ids": ids, "attention_mask": new_mask, "mm_encoder_outputs": self.pack(feats)}
+
+    def _original_tokens(
+        self, input_ids: Tensor, mask: Tensor, vis: VisualInputs
+    ) -> tuple[list[VisualTokens], list[tuple[Tensor, Tensor, Tensor]], list[Context]]:
+        """Every grid token of every sample (features empty), its extra tokens, and the contexts.
+
+        Images are matched to samples in prompt order by their placeholder counts. Returns per sample:
+        the `VisualTokens`, (extra positions (E,), extra owner per original token (T,), extra features
+        (E, D)), and the `Context`.
+        """
+        runs = placeholder_runs(input_ids, mask, self.placeholder_ids().to(input_ids.device))
+        lengths = [lay.length for lay in vis.layouts]
+        batch, extras, contexts, img = [], [], [], 0
+        device = input_ids.device
+        for b, sample_runs in enumerate(runs):
+            n_ph = sum(r.numel() for r in sample_runs)
+            start, acc = img, 0
+            while acc < n_ph and img < len(lengths):
+                acc += lengths[img]
+                img += 1
+            pieces = split_runs(sample_runs, lengths[start:img], b)
+            if not pieces:
+                raise InputError(f"sample {b} has no visual placeholder tokens; every sample needs an image")
+            feats, grids, items, pos, ex_pos, ex_owner, ex_feat = [], [], [], [], [], [], []
+            n_extra = 0
+            for j, (lay, piece) in enumerate(zip(vis.layouts[start:img], pieces)):
+                slots = lay.slots.to(device)
+                pos.append(torch.where(slots >= 0, piece[slots.clamp(min=0)], -1))
+                grids += lay.grids
+                items += [dataclasses.replace(it, image=j) for it in lay.items]
+                feats += [torch.zeros(h * w, 0) for h, w in lay.grids]
+                if lay.extra_slots is not None and lay.extra_slots.numel():
+                    ex_pos.append(piece[lay.extra_slots.to(device)])
+                    owner = lay.extra_owner.to(device)
+                    ex_owner.append(torch.where(owner >= 0, owner + n_extra, -1))
+                    ex_feat.append(lay.extra_features)
+                    n_extra += lay.extra_slots.numel()
+                else:
+                    ex_owner.append(torch.full((slots.numel(),), -1, dtype=torch.long, device=device))
+            batch.append(VisualTokens.from_items(feats, grids, torch.cat(pos), items))
+            empty = torch.zeros(0, dtype=torch.long, device=device)
+            extras.append((
+                torch.cat(ex_pos) if ex_pos else empty,
+                torch.cat(ex_owner),
+                torch.cat(ex_feat) if ex_feat else torch.zeros(0, 0),
+            ))
+            text = mask[b].bool().clone()
+            text[torch.cat(sample_runs)] = False
+            contexts.append(Context(sample=b, batch_size=len(runs), query_ids=input_ids[b, text], model=self.model))
+        if img != len(lengths):
+            raise InputError(
+                f"{len(lengths)} images were given but the prompts' placeholders account for {img}; "
+                "let the model's processor expand the image token"
+            )
+        return batch, extras, contexts
 
     def _estimate_flops(self, call: CallReport) -> None:
         dims = self.llm_dims()
@@ -291,12 +401,21 @@ class PlaceholderAdapter(Adapter):
         if vis is not None:
             vdims, per_image = vis
             n_items = sum(v.num_items for v in call.visual)
-            call.flops["vision"] = n_items * vdims.forward_flops(per_image)
+            per_layer = vdims.forward_flops(per_image) / vdims.layers
+            call.flops["vision"] = n_items * per_layer * call.vision_layers
 
     @staticmethod
     def _map_labels(labels: Tensor, positions: Tensor, visual: Tensor) -> Tensor:
         out = labels.gather(1, positions.clamp(min=0))
         return out.masked_fill((positions < 0) | visual, -100)
+
+
+def _original_index(v: VisualTokens) -> Tensor:
+    """(N,) index of each token's representative among the sample's original tokens (raster, item by item)."""
+    sizes = torch.tensor([h * w for h, w in v.grids], device=v.item.device)
+    offsets = torch.cumsum(sizes, 0) - sizes
+    widths = torch.tensor([w for _, w in v.grids], device=v.item.device)
+    return offsets[v.item] + v.row * widths[v.item] + v.col
 
 
 def _cache_len(cache) -> int:

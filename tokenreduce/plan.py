@@ -46,6 +46,20 @@ class Context:
     model: Any = None
 
 
+@dataclass(frozen=True)
+class Probe:
+    """A signal from inside the vision tower that a reducer needs, stored in `VisualTokens.scores[name]`.
+
+    kind "cls": the CLS query's attention probabilities over the patch tokens at `layer`, summed over
+    heads (softmax over all keys, CLS included, as in HiRED and MustDrop). `layer` indexes the tower's
+    layers (negative counts from the end); None means the layer that produces the visual features.
+    """
+
+    name: str
+    layer: int | None
+    kind: str = "cls"
+
+
 @dataclass
 class Reducer:
     """Base class of every reducer. Subclasses are dataclasses whose fields are their hyperparameters.
@@ -69,6 +83,10 @@ class Reducer:
 
     def reduce_sample(self, tokens: VisualTokens, ctx: Context) -> VisualTokens:
         raise NotImplementedError(f"{type(self).__name__} must implement reduce() or reduce_sample()")
+
+    def probes(self) -> list[Probe]:
+        """Signals this reducer reads from inside the vision tower (recorded before it runs)."""
+        return []
 
     def spec(self) -> str:
         """The plan-string form of this reducer, e.g. ``aim-merge(keep=0.25)``."""

@@ -26,6 +26,9 @@ class CallReport:
         visual: the final `VisualTokens` of every sample (what survived, with origins).
         flops: estimated FLOPs: "llm_prefill" / "llm_prefill_full" (same prompts, nothing reduced),
             and "vision" when the adapter knows the vision tower's widths.
+        extra_tokens: per sample, non-grid visual tokens that entered the LLM (LLaVA-NeXT's row newlines
+            of rows that kept a token); not counted in `stages`.
+        vision_layers: vision-tower layers that ran (the tower stops after the last layer anybody needs).
     """
 
     kind: str
@@ -38,6 +41,8 @@ class CallReport:
     positions: Tensor | None = None
     visual: list[VisualTokens] = field(default_factory=list)
     flops: dict[str, float] = field(default_factory=dict)
+    extra_tokens: list[int] = field(default_factory=list)
+    vision_layers: int = 0
 
     def tokens(self, stage: str = "final") -> list[int]:
         """Visual tokens per sample after `stage` ("input", a reducer label, or "final")."""
@@ -60,6 +65,8 @@ class CallReport:
             "llm_shape": list(self.llm_shape),
             "times_s": self.times,
             "flops": self.flops,
+            "extra_tokens": self.extra_tokens,
+            "vision_layers": self.vision_layers,
         }
 
     def __str__(self) -> str:
@@ -68,6 +75,8 @@ class CallReport:
         lines.append(f"  {'stage':<{width}}  visual tokens per sample")
         for label, counts in self.stages:
             lines.append(f"  {label:<{width}}  {', '.join(str(c) for c in counts)}")
+        if any(self.extra_tokens):
+            lines.append(f"  {'+ newlines':<{width}}  {', '.join(str(c) for c in self.extra_tokens)}")
         lines.append(f"  {'sequence':<{width}}  {', '.join(f'{a} -> {b}' for a, b in zip(self.seq_in, self.seq_llm))}")
         if "llm_prefill" in self.flops and self.flops.get("llm_prefill_full"):
             ratio = self.flops["llm_prefill_full"] / self.flops["llm_prefill"]

@@ -9,10 +9,29 @@ That is what lets later stages, the report, the demo's heat map and the tests se
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ItemInfo:
+    """One image, crop or frame of a sample (an "item": one grid of tokens from one vision-tower input).
+
+    Attributes:
+        image: index of the image or video (within the sample) the item comes from.
+        kind: "image" (the whole image, one grid), "overview" (the downscaled whole image of an anyres
+            model), "crop" (a high-resolution tile), or "frame" (a video frame).
+        region: (top, left, bottom, right) of the item in its image, as fractions of the image's height
+            and width; (0, 0, 1, 1) for whole images and frames.
+        index: frame index in the video (frames), or -1.
+    """
+
+    image: int = 0
+    kind: str = "image"
+    region: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
+    index: int = -1
 
 
 @dataclass
@@ -27,6 +46,11 @@ class VisualTokens:
         size: (N,) float, how many original tokens this token stands for (1 until merged).
         source: (N0,) long, for every original token the index of the current token holding it, -1 if dropped.
         grids: (h, w) of the original token grid of every item.
+        items: what every item is (`ItemInfo`: its image, its kind, its region of the image); adapters
+            fill it, reducers that allocate budgets across crops or frames read it.
+        scores: named per-token scores (N,) computed by earlier stages (e.g. ``"cls@22"``: CLS attention
+            summed over heads at vision layer 22; ``"key"``: 1.0 for tokens a later stage must not drop).
+            Carried through `select` (indexed) and `group` (summed over members).
     """
 
     features: Tensor
@@ -37,10 +61,20 @@ class VisualTokens:
     size: Tensor
     source: Tensor
     grids: tuple[tuple[int, int], ...]
+    items: tuple[ItemInfo, ...] = ()
+    scores: dict[str, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.items:
+            self.items = tuple(ItemInfo(image=i) for i in range(len(self.grids)))
 
     @classmethod
     def from_items(
-        cls, features: list[Tensor], grids: list[tuple[int, int]], positions: Tensor
+        cls,
+        features: list[Tensor],
+        grids: list[tuple[int, int]],
+        positions: Tensor,
+        items: list[ItemInfo] | None = None,
     ) -> VisualTokens:
         """Build the original tokens of a sample from per-item features.
 
@@ -48,26 +82,28 @@ class VisualTokens:
             features: one (h*w, D) tensor per item, tokens in raster order.
             grids: (h, w) per item.
             positions: (sum h*w,) long, placeholder positions in the caller's sequence.
+            items: what each item is (default: each item is its own whole image).
         """
         device = features[0].device
-        items, rows, cols = [], [], []
+        item_ids, rows, cols = [], [], []
         for i, (f, (h, w)) in enumerate(zip(features, grids)):
             if f.shape[0] != h * w:
                 raise ValueError(f"item {i}: {f.shape[0]} tokens do not fill its {h}x{w} grid")
             r = torch.arange(h, device=device).repeat_interleave(w)
-            items.append(torch.full((h * w,), i, dtype=torch.long, device=device))
+            item_ids.append(torch.full((h * w,), i, dtype=torch.long, device=device))
             rows.append(r)
             cols.append(torch.arange(w, device=device).repeat(h))
         n = sum(f.shape[0] for f in features)
         return cls(
             features=torch.cat(features, 0),
-            item=torch.cat(items),
+            item=torch.cat(item_ids),
             row=torch.cat(rows),
             col=torch.cat(cols),
             position=positions.to(device=device, dtype=torch.long),
             size=torch.ones(n, device=device, dtype=torch.float32),
             source=torch.arange(n, device=device),
             grids=tuple(grids),
+            items=tuple(items) if items else (),
         )
 
     def __len__(self) -> int:
@@ -89,7 +125,9 @@ class VisualTokens:
         """Keep the tokens at `index` (a 1-D long tensor), in the order given."""
         assign = torch.full((len(self),), -1, dtype=torch.long, device=self.features.device)
         assign[index] = torch.arange(index.numel(), device=assign.device)
-        return self._reindex(assign, index, self.features[index], self.size[index])
+        return self._reindex(
+            assign, index, self.features[index], self.size[index], {k: v[index] for k, v in self.scores.items()}
+        )
 
     def group(
         self, assign: Tensor, num_groups: int, weighted: bool = True, features: Tensor | None = None
@@ -117,14 +155,22 @@ class VisualTokens:
             )
             acc = acc.index_add(0, assign[kept], self.features[kept].float() * w[:, None])
             features = (acc / denom[:, None]).to(self.features.dtype)
+        scores = {
+            k: torch.zeros(num_groups, device=v.device, dtype=torch.float32).index_add(0, assign[kept], v[kept].float())
+            for k, v in self.scores.items()
+        }
         # reorder groups by their first member so the output keeps the input order
         order = torch.argsort(first, stable=True)
         rank = torch.empty_like(order)
         rank[order] = torch.arange(num_groups, device=order.device)
         new_assign = torch.where(kept, rank[assign.clamp(min=0)], assign)
-        return self._reindex(new_assign, first[order], features[order], size[order])
+        return self._reindex(
+            new_assign, first[order], features[order], size[order], {k: v[order] for k, v in scores.items()}
+        )
 
-    def _reindex(self, assign: Tensor, rep: Tensor, features: Tensor, size: Tensor) -> VisualTokens:
+    def _reindex(
+        self, assign: Tensor, rep: Tensor, features: Tensor, size: Tensor, scores: dict[str, Tensor]
+    ) -> VisualTokens:
         src = self.source
         new_source = torch.where(src >= 0, assign[src.clamp(min=0)], src)
         return VisualTokens(
@@ -136,6 +182,8 @@ class VisualTokens:
             size=size,
             source=new_source,
             grids=self.grids,
+            items=self.items,
+            scores=scores,
         )
 
     def with_features(self, features: Tensor) -> VisualTokens:
@@ -143,7 +191,8 @@ class VisualTokens:
         if features.shape[0] != len(self):
             raise ValueError(f"with_features: expected {len(self)} rows, got {features.shape[0]}")
         return VisualTokens(
-            features, self.item, self.row, self.col, self.position, self.size, self.source, self.grids
+            features, self.item, self.row, self.col, self.position, self.size, self.source, self.grids,
+            self.items, dict(self.scores),
         )
 
     def members(self, i: int) -> Tensor:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
-import time
 from typing import Any
 
-import torch
+from torch import Tensor, nn
 
-from tokenreduce.adapter import Encoded, PlaceholderAdapter
+from tokenreduce.adapter import ImageLayout, PlaceholderAdapter, VisualInputs
+from tokenreduce.encoder import VisionTower
+from tokenreduce.errors import InputError
 from tokenreduce.flops import TransformerDims
 from tokenreduce.registry import register_adapter
 
@@ -26,31 +26,64 @@ def config_dims(cfg, gated: bool = True, vocab: int = 0) -> TransformerDims:
     )
 
 
+def hf_vision_tower(vision_model: nn.Module, feature_layer: int | list[int]) -> VisionTower:
+    """`VisionTower` of a transformers CLIP- or SigLIP-style vision model (`CLIPVisionModel`, ...).
+
+    `feature_layer` is the VLM's `vision_feature_layer`: an index (or indices) into the tower's
+    hidden states (0 = embeddings, -1 = last layer's output), as transformers uses it.
+    """
+    vm = getattr(vision_model, "vision_model", vision_model)
+    layers = vm.encoder.layers
+    pre = getattr(vm, "pre_layrnorm", None)
+    embed = (lambda pv: pre(vm.embeddings(pv))) if pre is not None else vm.embeddings
+    n = len(layers) + 1
+    wanted = feature_layer if isinstance(feature_layer, (list, tuple)) else [feature_layer]
+    hs = [i + n if i < 0 else i for i in wanted]
+    for i, h in zip(wanted, hs):
+        if not 0 <= h < n:
+            raise InputError(f"vision_feature_layer {i} does not exist in a {len(layers)}-layer vision tower")
+    has_cls = getattr(vm.embeddings, "class_embedding", None) is not None
+    return VisionTower(
+        embed=embed, layers=layers, attention=lambda layer: layer.self_attn, prefix=int(has_cls), feature_layers=hs
+    )
+
+
+def feature_options(model: nn.Module, kwargs: dict[str, Any]) -> int | list[int]:
+    """Pop `vision_feature_layer`/`vision_feature_select_strategy`; the feature layer to use."""
+    layer = kwargs.pop("vision_feature_layer", None)
+    strategy = kwargs.pop("vision_feature_select_strategy", None)
+    cfg = model.config
+    strategy = strategy or getattr(cfg, "vision_feature_select_strategy", "default")
+    if strategy != "default":
+        raise InputError(
+            f"vision_feature_select_strategy={strategy!r} is not supported with token reduction "
+            "(only 'default', which drops the CLS token from the visual features)"
+        )
+    return cfg.vision_feature_layer if layer is None else layer
+
+
 @register_adapter("LlavaForConditionalGeneration")
 class LlavaAdapter(PlaceholderAdapter):
-    """LLaVA-1.5: one CLIP grid per image (24x24 = 576 tokens for CLIP-L/14-336), projected by an MLP.
+    """LLaVA-1.5: one CLIP grid per image (24x24 = 576 tokens for CLIP-L/14-336), projected by an MLP."""
 
-    Visual tokens: `get_image_features(...).pooler_output`, one (h*w, D) tensor per image, raster order.
-    With `vision_feature_select_strategy="full"` the CLS token is kept: the item is then a 1 x (h*w+1) row.
-    """
-
-    def encode(self, kwargs: dict[str, Any]) -> Encoded | None:
+    def visual_inputs(self, kwargs: dict[str, Any]) -> VisualInputs | None:
         pixel_values = kwargs.pop("pixel_values", None)
-        mm = kwargs.pop("mm_encoder_outputs", None)
-        extra = {k: kwargs.pop(k) for k in ("vision_feature_layer", "vision_feature_select_strategy", "image_sizes")
-                 if kwargs.get(k) is not None}
-        t0 = time.perf_counter()
-        if mm is not None and mm.get("image") is not None:
-            feats = mm["image"].pooler_output
-        elif pixel_values is not None:
-            out = self.model.model.get_image_features(pixel_values=pixel_values, return_dict=True, **extra)
-            feats = out.pooler_output
-        else:
+        kwargs.pop("image_sizes", None)
+        self._feature_layer = feature_options(self.model, kwargs)
+        if pixel_values is None:
             return None
-        self._handle._sync()
-        # pooler_output is a (n_images, tokens, D) tensor or a sequence of (tokens, D) tensors
-        feats = list(feats.unbind(0)) if isinstance(feats, torch.Tensor) else list(feats)
-        return Encoded(features=feats, grids=[_grid(f.shape[0]) for f in feats], seconds=time.perf_counter() - t0)
+        vc = self.model.config.vision_config
+        side = vc.image_size // vc.patch_size
+        layouts = [ImageLayout.single((side, side)) for _ in range(pixel_values.shape[0])]
+        return VisualInputs(pixel_values=pixel_values, layouts=layouts)
+
+    def tower(self) -> VisionTower:
+        layer = getattr(self, "_feature_layer", None)
+        return hf_vision_tower(self.model.model.vision_tower,
+                               self.model.config.vision_feature_layer if layer is None else layer)
+
+    def project(self, features: Tensor) -> Tensor:
+        return self.model.model.multi_modal_projector(features)
 
     def llm_dims(self) -> TransformerDims:
         tc = self.model.config.text_config
@@ -60,8 +93,3 @@ class LlavaAdapter(PlaceholderAdapter):
         vc = self.model.config.vision_config
         n = (vc.image_size // vc.patch_size) ** 2 + 1
         return config_dims(vc, gated=False), n
-
-
-def _grid(n: int) -> tuple[int, int]:
-    side = math.isqrt(n)
-    return (side, side) if side * side == n else (1, n)
