@@ -139,10 +139,20 @@ def test_pool_quarter_is_2x2_average_pooling():
     check_origins(out, drops=False)
 
 
-def test_pool_needs_the_full_grid():
+def test_pool_needs_a_full_rectangle():
     vt = RandomDrop(keep=0.5).reduce_sample(tokens([(8, 8)]), tr.Context())
-    with pytest.raises(tr.BudgetError, match="not its full 8x8 grid"):
+    with pytest.raises(tr.BudgetError, match="not a full rectangle of its 8x8 grid"):
         Pool(keep=0.5).reduce_sample(vt, tr.Context())
+
+
+def test_pool_on_an_unpadded_crop_pools_the_rectangle_left():
+    """Anyres unpadding leaves a rectangle of a crop's grid: pool it like a smaller grid."""
+    vt = tokens([(8, 8)])
+    rect = torch.nonzero((vt.row >= 2) & (vt.row < 6)).flatten()  # rows 2..5: a 4x8 rectangle
+    out = Pool(tokens=8).reduce_sample(vt.select(rect), tr.Context())
+    ref = torch.nn.functional.avg_pool2d(vt.features[rect].T.reshape(1, -1, 4, 8), 2).reshape(-1, 8).T
+    torch.testing.assert_close(out.features, ref)
+    assert sorted(out.row.tolist()) == [2, 2, 2, 2, 4, 4, 4, 4]
 
 
 def test_visual_tokens_group_and_select_compose_origins():

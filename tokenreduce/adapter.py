@@ -285,10 +285,10 @@ class PlaceholderAdapter(Adapter):
         call = CallReport(kind=kind, batch_size=input_ids.shape[0])
         self._call = call
         batch, extras, contexts = self._original_tokens(input_ids, mask, vis)
-        call.stages.append(("input", [len(v) for v in batch]))
+        call.stages.append(("input", [int((v.position >= 0).sum()) for v in batch]))
 
         # the vision tower, layer by layer, with the ENCODER reducers and every reducer's probes
-        probes = [p for r in handle.plan.reducers for p in r.probes()]
+        probes = list({p.name: p for r in handle.plan.reducers for p in r.probes()}.values())
         enc = [r for r in handle.plan.at(Stage.ENCODER) if isinstance(r, EncoderReducer)]
         with torch.no_grad():
             run = run_tower(self.tower(), vis.pixel_values, batch, enc, probes, contexts, handle._sync)

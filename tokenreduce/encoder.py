@@ -67,8 +67,10 @@ class VisionTower:
 class EncoderReducer(Reducer):
     """Base of reducers that act inside the vision tower.
 
-    `layers` says after which tower layers `reduce_layer` runs; there the tokens' features are the
-    hidden states of the patch tokens (N, Dv) and whatever it returns is what the next layers run on.
+    `layers` says after which tower layers `reduce_layer` runs (indices as `VisionTower.resolve` takes
+    them); there the tokens' features are the hidden states of the patch tokens (N, Dv) after that
+    layer, probes of that layer are already in `scores`, and whatever it returns is what the next layers
+    run on.
     """
 
     stage: ClassVar[Stage] = Stage.ENCODER
@@ -76,7 +78,9 @@ class EncoderReducer(Reducer):
     def layers(self, tower: VisionTower) -> list[int]:
         raise NotImplementedError
 
-    def reduce_layer(self, layer: int, batch: list[VisualTokens], contexts: list[Context]) -> list[VisualTokens]:
+    def reduce_layer(
+        self, layer: int, tower: VisionTower, batch: list[VisualTokens], contexts: list[Context]
+    ) -> list[VisualTokens]:
         raise NotImplementedError
 
 
@@ -180,7 +184,7 @@ def run_tower(
                 for red in acts[i]:
                     sync()
                     t1 = time.perf_counter()
-                    out = red.reduce_layer(i, batch, contexts)
+                    out = red.reduce_layer(i, tower, batch, contexts)
                     sync()
                     run.times[f"reduce:{red.name}"] = run.times.get(f"reduce:{red.name}", 0.0) + (
                         time.perf_counter() - t1
@@ -188,7 +192,10 @@ def run_tower(
                     if len(out) != len(batch):
                         raise RuntimeError(f"{red.name} returned {len(out)} samples for a batch of {len(batch)}")
                     batch = [v.select(torch.argsort(v.item, stable=True)) for v in out]
-                    run.stages.append((red.name, [len(v) for v in batch]))
+                    # counted like the LLM will see them: tokens with a placeholder (not anyres padding)
+                    counts = [int((v.position >= 0).sum()) for v in batch]
+                    if (red.name, counts) not in run.stages[-1:]:
+                        run.stages.append((red.name, counts))
                 layout = _Layout(batch, first_row)
                 hidden, key_valid = _rebuild(hidden, batch, layout, tower.prefix)
                 mask = None if key_valid is None else _additive(key_valid, hidden.dtype)

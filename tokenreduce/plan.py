@@ -172,6 +172,38 @@ def split_budget(total: int, counts: list[int], floor: int = 1) -> list[int]:
     return share
 
 
+def allocate(total: int, weights: list[float], caps: list[int]) -> list[int]:
+    """Split `total` over parts in proportion to `weights`, never giving a part more than its cap.
+
+    Largest-remainder rounding, so the parts sum exactly to `total`; what a capped part cannot take goes
+    to the others in proportion to their weights (or their spare room when all their weights are 0).
+    Ties go to the earlier part.
+    """
+    if total > sum(caps):
+        raise BudgetError(f"budget {total} is larger than the {sum(caps)} tokens available")
+    if total < 0:
+        raise BudgetError(f"budget must be non-negative, got {total}")
+    if any(w < 0 or not math.isfinite(w) for w in weights):
+        raise BudgetError(f"allocation weights must be finite and >= 0, got {weights}")
+    share = [0] * len(caps)
+    left = total
+    while left > 0:
+        open_parts = [i for i in range(len(caps)) if share[i] < caps[i]]
+        w = [weights[i] for i in open_parts]
+        if sum(w) <= 0:
+            w = [float(caps[i] - share[i]) for i in open_parts]
+        tot = sum(w)
+        exact = [left * x / tot for x in w]
+        add = [math.floor(e) for e in exact]
+        for j in sorted(range(len(open_parts)), key=lambda j: (add[j] - exact[j], j))[: left - sum(add)]:
+            add[j] += 1
+        for j, i in enumerate(open_parts):
+            give = min(add[j], caps[i] - share[i])
+            share[i] += give
+            left -= give
+    return share
+
+
 @dataclass
 class Plan:
     """An ordered list of reducers, applied stage by stage."""

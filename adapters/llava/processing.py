@@ -55,3 +55,25 @@ def build_processor(image_size: int, patch_size: int) -> LlavaProcessor:
         vision_feature_select_strategy="default", num_additional_image_tokens=1,
         chat_template=CHAT_TEMPLATE,
     )
+
+
+def anyres_pinpoints(image_size: int, max_crops: int = 4) -> list[list[int]]:
+    """LLaVA-1.6's anyres resolutions for a tower input of `image_size` (1x2, 2x1, 2x2, 1x3, 3x1 tiles)."""
+    s = image_size
+    points = [[s, 2 * s], [2 * s, s], [2 * s, 2 * s], [3 * s, s], [s, 3 * s]]
+    return [p for p in points if (p[0] // s) * (p[1] // s) <= max_crops]
+
+
+def build_next_processor(image_size: int, patch_size: int, pinpoints: list[list[int]] | None = None):
+    """A `LlavaNextProcessor` (PIL image processor, byte tokenizer) for an anyres model of this tower size."""
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    ip = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints or anyres_pinpoints(image_size),
+    )
+    return LlavaNextProcessor(
+        image_processor=ip, tokenizer=byte_tokenizer(), patch_size=patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
+    )

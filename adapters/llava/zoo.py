@@ -6,9 +6,16 @@ Random weights: these exercise the plumbing and measure speed, they do not answe
 from __future__ import annotations
 
 import torch
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+)
 
-from .processing import build_processor, byte_tokenizer
+from .processing import anyres_pinpoints, build_next_processor, build_processor, byte_tokenizer
 
 #: name -> (vision config kwargs, text config kwargs)
 PRESETS: dict[str, tuple[dict, dict]] = {
@@ -29,11 +36,24 @@ PRESETS: dict[str, tuple[dict, dict]] = {
 }
 
 
+#: anyres presets (LLaVA-NeXT): a preset name of PRESETS plus "-next"
+NEXT_PRESETS = {"tiny-next": "tiny", "llava-next-7b-shape": "llava-1.5-7b-shape"}
+
+
 def llava_config(preset: str = "tiny", llm_layers: int | None = None, vision_layers: int | None = None,
-                 attn: str = "sdpa") -> LlavaConfig:
-    """A `LlavaConfig` from a preset, with the byte tokenizer's vocabulary and image token."""
+                 attn: str = "sdpa") -> LlavaConfig | LlavaNextConfig:
+    """A `LlavaConfig` (or `LlavaNextConfig` for NEXT_PRESETS) with the byte tokenizer's vocabulary."""
+    if preset in NEXT_PRESETS:
+        cfg = llava_config(NEXT_PRESETS[preset], llm_layers, vision_layers, attn)
+        nxt = LlavaNextConfig(
+            vision_config=cfg.vision_config, text_config=cfg.text_config, image_token_id=cfg.image_token_id,
+            vision_feature_layer=-2, vision_feature_select_strategy="default",
+            image_grid_pinpoints=anyres_pinpoints(cfg.vision_config.image_size),
+        )
+        nxt._attn_implementation = attn
+        return nxt
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join([*PRESETS, *NEXT_PRESETS])}")
     vkw, tkw = (dict(d) for d in PRESETS[preset])
     if llm_layers is not None:
         tkw["num_hidden_layers"] = llm_layers
@@ -55,11 +75,12 @@ def llava_config(preset: str = "tiny", llm_layers: int | None = None, vision_lay
 
 def build_llava(preset: str = "tiny", seed: int = 0, attn: str = "sdpa", dtype: torch.dtype = torch.float32,
                 llm_layers: int | None = None, vision_layers: int | None = None
-                ) -> LlavaForConditionalGeneration:
-    """A random-weight `LlavaForConditionalGeneration` from a preset, deterministic in `seed`."""
+                ) -> LlavaForConditionalGeneration | LlavaNextForConditionalGeneration:
+    """A random-weight LLaVA (or LLaVA-NeXT for NEXT_PRESETS) from a preset, deterministic in `seed`."""
     cfg = llava_config(preset, llm_layers=llm_layers, vision_layers=vision_layers, attn=attn)
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(cfg).to(dtype).eval()
+    cls = LlavaNextForConditionalGeneration if preset in NEXT_PRESETS else LlavaForConditionalGeneration
+    model = cls(cfg).to(dtype).eval()
     model.generation_config.pad_token_id = cfg.text_config.pad_token_id
     return model
 
@@ -68,4 +89,6 @@ def build_llava_with_processor(preset: str = "tiny", **kwargs):
     """(model, processor) for a preset; the processor expands `<image>` to the model's token count."""
     model = build_llava(preset, **kwargs)
     vc = model.config.vision_config
+    if preset in NEXT_PRESETS:
+        return model, build_next_processor(vc.image_size, vc.patch_size, model.config.image_grid_pinpoints)
     return model, build_processor(vc.image_size, vc.patch_size)

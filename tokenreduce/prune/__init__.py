@@ -1,5 +1,6 @@
 """Reducers that drop tokens."""
 
 from .baselines import Pool, RandomDrop, pool_assignment
+from .hired import HiRED
 
-__all__ = ["Pool", "RandomDrop", "pool_assignment"]
+__all__ = ["HiRED", "Pool", "RandomDrop", "pool_assignment"]

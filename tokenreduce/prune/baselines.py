@@ -88,13 +88,19 @@ class Pool(BudgetedReducer):
         offset = 0
         for i, k in enumerate(self.item_budgets(tokens)):
             idx = torch.nonzero(tokens.item == i).flatten()
-            h, w = tokens.grids[i]
+            if idx.numel() == 0:
+                continue
+            # the item's tokens must fill a rectangle of its grid: the whole grid, or what anyres
+            # unpadding left of a crop
+            r0, c0 = int(tokens.row[idx].min()), int(tokens.col[idx].min())
+            h, w = int(tokens.row[idx].max()) - r0 + 1, int(tokens.col[idx].max()) - c0 + 1
             if idx.numel() != h * w:
+                gh, gw = tokens.grids[i]
                 raise BudgetError(
-                    f"pool: item {i} has {idx.numel()} tokens, not its full {h}x{w} grid; "
+                    f"pool: item {i} has {idx.numel()} tokens, not a full rectangle of its {gh}x{gw} grid; "
                     "put pool before any other reducer of the same stage"
                 )
-            cell = tokens.row[idx] * w + tokens.col[idx]
+            cell = (tokens.row[idx] - r0) * w + (tokens.col[idx] - c0)
             assign[idx] = pool_assignment(h, w, k, tokens.features.device)[cell] + offset
             offset += k
         return tokens.group(assign, offset, weighted=True)
