@@ -128,6 +128,11 @@ def _inputs(processor, dtype: torch.dtype, batch: int = 1) -> dict[str, torch.Te
     path = resources.files("tokenreduce") / "assets" / "shapes.png"
     with resources.as_file(path) as p:
         image = Image.open(p).convert("RGB")
+    pinpoints = getattr(getattr(processor, "image_processor", None), "image_grid_pinpoints", None)
+    if pinpoints:  # anyres: a square image at the largest square resolution (LLaVA-NeXT: 2x2 crops, 2880 tokens)
+        side = max(min(h, w) for h, w in pinpoints if h == w) if any(h == w for h, w in pinpoints) else 0
+        if side:
+            image = image.resize((side, side))
     conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
     text = processor.apply_chat_template(conv, add_generation_prompt=True)
     inputs = dict(processor(text=[text] * batch, images=[image] * batch, return_tensors="pt"))
@@ -167,6 +172,15 @@ def measure(model, inputs: dict[str, Any], plan: str | None) -> dict[str, Any]:
             flops=dict(call.flops),
         )
     return rec
+
+
+def visual_tokens(model, inputs: dict[str, Any]) -> int:
+    """Visual tokens of the first sample as budgets count them (grid tokens the LLM sees; no newlines)."""
+    import tokenreduce as tr
+
+    with tr.apply(model, "none") as handle:
+        vis = handle.adapter.visual_inputs({k: v[:1] for k, v in inputs.items()})
+    return sum(int((lay.slots >= 0).sum()) for lay in vis.layouts)
 
 
 def _ideal(f: dict[str, float], fb: dict[str, float]) -> tuple[float, float]:
@@ -273,13 +287,13 @@ def _write(out: Path, data: dict[str, Any]) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Build the model, measure `stock`, `none` and every plan round-robin, print the table, write JSON."""
-    from tokenreduce.adapters.llava.zoo import PRESETS, build_llava_with_processor
+    from tokenreduce.adapters.llava.zoo import NEXT_PRESETS, PRESETS, build_llava_with_processor
 
     from tokenreduce.cli import CLIError
     from tokenreduce.plan import Plan
 
-    if args.preset not in PRESETS:
-        raise CLIError(f"--preset {args.preset!r}: not a built-in preset ({', '.join(PRESETS)})")
+    if args.preset not in PRESETS and args.preset not in NEXT_PRESETS:
+        raise CLIError(f"--preset {args.preset!r}: not a built-in preset ({', '.join([*PRESETS, *NEXT_PRESETS])})")
     # validate before the (slow) model build; the plan list is built from the same flags later
     if args.budgets:
         _number_list(args.budgets, "--budgets", int, lambda b: b >= 1, "token counts must be positive")
@@ -296,7 +310,7 @@ def main(args: argparse.Namespace) -> int:
         model = model.cuda()
     inputs = _inputs(processor, dtype, args.batch)
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
-    n_visual = int((inputs["input_ids"][0] == model.config.image_token_id).sum())
+    n_visual = visual_tokens(model, inputs)
     plans = plan_list(args, n_visual)
     for plan in plans:
         Plan.parse(plan)  # a bad plan fails here, before anything is measured

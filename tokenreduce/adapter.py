@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from .encoder import EncoderReducer, VisionTower, run_tower
+from .encoder import EncoderReducer, TowerRun, VisionTower, run_tower
 from .errors import InputError, UnsupportedModelError
 from .flops import TransformerDims
 from .plan import Context, Plan, Stage
@@ -154,6 +154,22 @@ class PlaceholderAdapter(Adapter):
     def has_cls(self) -> bool:
         return self.tower().prefix > 0
 
+    def tower_tokens(self, vis: VisualInputs, batch: list[VisualTokens]) -> list[VisualTokens]:
+        """The tokens as the vision tower produces them, per sample. Default: the same grids the LLM's
+        placeholders hold. Adapters that pool after the tower (LLaVA-OneVision video) return the finer grid."""
+        return batch
+
+    def finish_tokens(
+        self, vis: VisualInputs, run: TowerRun, batch: list[VisualTokens]
+    ) -> list[VisualTokens]:
+        """Tower features -> LLM-space tokens matching the placeholders (`batch`: the LLM-level tokens).
+
+        Default: project every surviving token. Adapters that pool or that feed tower-computed extra
+        tokens (a frame's CLS) override this, and may set `extra_features` on `vis.layouts`.
+        """
+        flat = self.project(torch.cat([v.features for v in run.batch]))
+        return [v.with_features(f) for v, f in zip(run.batch, flat.split([len(v) for v in run.batch]))]
+
     def placeholder_ids(self) -> Tensor:
         return torch.tensor([self.model.config.image_token_id])
 
@@ -284,21 +300,22 @@ class PlaceholderAdapter(Adapter):
         assert vis is not None
         call = CallReport(kind=kind, batch_size=input_ids.shape[0])
         self._call = call
-        batch, extras, contexts = self._original_tokens(input_ids, mask, vis)
-        call.stages.append(("input", [int((v.position >= 0).sum()) for v in batch]))
+        llm_batch, owners, contexts = self._original_tokens(input_ids, mask, vis)
+        call.stages.append(("input", [int((v.position >= 0).sum()) for v in llm_batch]))
 
         # the vision tower, layer by layer, with the ENCODER reducers and every reducer's probes
         probes = list({p.name: p for r in handle.plan.reducers for p in r.probes()}.values())
         enc = [r for r in handle.plan.at(Stage.ENCODER) if isinstance(r, EncoderReducer)]
         with torch.no_grad():
-            run = run_tower(self.tower(), vis.pixel_values, batch, enc, probes, contexts, handle._sync)
+            run = run_tower(self.tower(), vis.pixel_values, self.tower_tokens(vis, llm_batch), enc, probes,
+                            contexts, handle._sync)
             t0 = time.perf_counter()
-            flat = self.project(torch.cat([v.features for v in run.batch]))
+            batch = self.finish_tokens(vis, run, llm_batch)
             handle._sync()
         call.times["vision"] = run.seconds + time.perf_counter() - t0
         call.times.update(run.times)
         call.stages.extend(run.stages)
-        batch = [v.with_features(f) for v, f in zip(run.batch, flat.split([len(v) for v in run.batch]))]
+        extras = [self._extras(vis, own) for own in owners]
         # tokens without a placeholder (anyres padding) never reach the LLM
         batch = [v if bool((v.position >= 0).all()) else v.select(torch.nonzero(v.position >= 0).flatten())
                  for v in batch]
@@ -339,16 +356,16 @@ class PlaceholderAdapter(Adapter):
 
     def _original_tokens(
         self, input_ids: Tensor, mask: Tensor, vis: VisualInputs
-    ) -> tuple[list[VisualTokens], list[tuple[Tensor, Tensor, Tensor]], list[Context]]:
-        """Every grid token of every sample (features empty), its extra tokens, and the contexts.
+    ) -> tuple[list[VisualTokens], list[tuple[list[int], Tensor, Tensor]], list[Context]]:
+        """Every grid token of every sample (features empty), where its extra tokens go, and the contexts.
 
         Images are matched to samples in prompt order by their placeholder counts. Returns per sample:
-        the `VisualTokens`, (extra positions (E,), extra owner per original token (T,), extra features
-        (E, D)), and the `Context`.
+        the `VisualTokens`; (its layouts' indices, extra-token positions (E,), the extra token each
+        original token keeps alive (T,), -1 for none); and its `Context`.
         """
         runs = placeholder_runs(input_ids, mask, self.placeholder_ids().to(input_ids.device))
         lengths = [lay.length for lay in vis.layouts]
-        batch, extras, contexts, img = [], [], [], 0
+        batch, owners, contexts, img = [], [], [], 0
         device = input_ids.device
         for b, sample_runs in enumerate(runs):
             n_ph = sum(r.numel() for r in sample_runs)
@@ -359,7 +376,7 @@ class PlaceholderAdapter(Adapter):
             pieces = split_runs(sample_runs, lengths[start:img], b)
             if not pieces:
                 raise InputError(f"sample {b} has no visual placeholder tokens; every sample needs an image")
-            feats, grids, items, pos, ex_pos, ex_owner, ex_feat = [], [], [], [], [], [], []
+            feats, grids, items, pos, ex_pos, ex_owner = [], [], [], [], [], []
             n_extra = 0
             for j, (lay, piece) in enumerate(zip(vis.layouts[start:img], pieces)):
                 slots = lay.slots.to(device)
@@ -371,17 +388,12 @@ class PlaceholderAdapter(Adapter):
                     ex_pos.append(piece[lay.extra_slots.to(device)])
                     owner = lay.extra_owner.to(device)
                     ex_owner.append(torch.where(owner >= 0, owner + n_extra, -1))
-                    ex_feat.append(lay.extra_features)
                     n_extra += lay.extra_slots.numel()
                 else:
                     ex_owner.append(torch.full((slots.numel(),), -1, dtype=torch.long, device=device))
             batch.append(VisualTokens.from_items(feats, grids, torch.cat(pos), items))
             empty = torch.zeros(0, dtype=torch.long, device=device)
-            extras.append((
-                torch.cat(ex_pos) if ex_pos else empty,
-                torch.cat(ex_owner),
-                torch.cat(ex_feat) if ex_feat else torch.zeros(0, 0),
-            ))
+            owners.append((list(range(start, img)), torch.cat(ex_pos) if ex_pos else empty, torch.cat(ex_owner)))
             text = mask[b].bool().clone()
             text[torch.cat(sample_runs)] = False
             contexts.append(Context(sample=b, batch_size=len(runs), query_ids=input_ids[b, text], model=self.model))
@@ -390,7 +402,17 @@ class PlaceholderAdapter(Adapter):
                 f"{len(lengths)} images were given but the prompts' placeholders account for {img}; "
                 "let the model's processor expand the image token"
             )
-        return batch, extras, contexts
+        return batch, owners, contexts
+
+    @staticmethod
+    def _extras(vis: VisualInputs, owner: tuple[list[int], Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """(positions (E,), owner per original token (T,), features (E, D)) of one sample's extra tokens."""
+        layouts, pos, own = owner
+        feats = [vis.layouts[i].extra_features for i in layouts
+                 if vis.layouts[i].extra_slots is not None and vis.layouts[i].extra_slots.numel()]
+        if any(f is None for f in feats):
+            raise RuntimeError("an extra token has no features: the adapter must set ImageLayout.extra_features")
+        return pos, own, torch.cat(feats) if feats else torch.zeros(0, 0)
 
     def _estimate_flops(self, call: CallReport) -> None:
         dims = self.llm_dims()

@@ -91,6 +91,7 @@ class TowerRun:
     batch: list[VisualTokens]
     layers_run: int
     seconds: float
+    prefix: Tensor | None = None  # (G, prefix, Dv) the prefix tokens (CLS) at the feature layer
     stages: list[tuple[str, list[int]]] = field(default_factory=list)
     times: dict[str, float] = field(default_factory=dict)
 
@@ -165,8 +166,10 @@ def run_tower(
     key_valid: Tensor | None = None  # (G, L) bool
     feats: dict[int, list[Tensor]] = {}
     run = TowerRun(batch=batch, layers_run=last + 1, seconds=0.0)
+    prefix: dict[int, Tensor] = {}
     if 0 in feat_layers:
         feats[0] = layout.gather(hidden, tower.prefix)
+        prefix[0] = hidden[:, : tower.prefix]
     modules = {i: tower.attention(tower.layers[i]) for i in probe_at}
     with QKCapture(modules) as cap:
         for i in range(last + 1):
@@ -201,10 +204,12 @@ def run_tower(
                 mask = None if key_valid is None else _additive(key_valid, hidden.dtype)
             if i + 1 in feat_layers:
                 feats[i + 1] = layout.gather(hidden, tower.prefix)
+                prefix[i + 1] = hidden[:, : tower.prefix]
     per_layer = [feats[f] for f in tower.feature_layers]
     features = per_layer[0] if len(per_layer) == 1 else [torch.cat(fs, -1) for fs in zip(*per_layer)]
     sync()
     run.batch = [v.with_features(f) for v, f in zip(batch, features)]
+    run.prefix = torch.cat([prefix[f] for f in tower.feature_layers], -1)
     run.seconds = time.perf_counter() - t0 - sum(run.times.values())
     return run
 

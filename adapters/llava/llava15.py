@@ -48,13 +48,17 @@ def hf_vision_tower(vision_model: nn.Module, feature_layer: int | list[int]) -> 
     )
 
 
-def feature_options(model: nn.Module, kwargs: dict[str, Any]) -> int | list[int]:
-    """Pop `vision_feature_layer`/`vision_feature_select_strategy`; the feature layer to use."""
+def feature_options(model: nn.Module, kwargs: dict[str, Any], has_cls: bool = True) -> int | list[int]:
+    """Pop `vision_feature_layer`/`vision_feature_select_strategy`; the feature layer to use.
+
+    Only the strategy that leaves the patch grid is served: "default" (drop the CLS token), or "full"
+    on a tower without a CLS token (SigLIP), where both mean the same.
+    """
     layer = kwargs.pop("vision_feature_layer", None)
     strategy = kwargs.pop("vision_feature_select_strategy", None)
     cfg = model.config
     strategy = strategy or getattr(cfg, "vision_feature_select_strategy", "default")
-    if strategy != "default":
+    if strategy != "default" and not (strategy == "full" and not has_cls):
         raise InputError(
             f"vision_feature_select_strategy={strategy!r} is not supported with token reduction "
             "(only 'default', which drops the CLS token from the visual features)"

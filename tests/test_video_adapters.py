@@ -1,0 +1,170 @@
+"""Oracles (DESIGN.md section 5) for the video adapters: Video-LLaVA, LLaVA-OneVision, LLaVA-NeXT-Video."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tokenreduce.adapters.videollm import video_inputs
+from tokenreduce.adapters.videollm.zoo import build_video_llm
+
+import tokenreduce as tr
+from tokenreduce.registry import adapter_for
+
+PRESETS = ["tiny-video-llava", "tiny-onevision", "tiny-next-video"]
+REDUCERS = ["aim-merge", "random", "pool"]
+PROMPTS = ["USER: <video>\nWhat happens in the video? ASSISTANT:", "USER: <video>\nColour? ASSISTANT:"]
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    return {(p, a): build_video_llm(p, seed=0, attn=a) for p in PRESETS for a in ("sdpa", "eager")}
+
+
+def clips(n: int, frames: int = 4, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        small = rng.integers(0, 256, (frames, 4, 4, 3), dtype=np.uint8)
+        out.append(np.repeat(np.repeat(small, 16, axis=1), 20, axis=2))  # (T, 64, 80, 3) blocky frames
+    return out
+
+
+def make_inputs(model, tok, n=1, frames=4, seed=0):
+    spec = adapter_for(model)(model).video_spec()
+    return video_inputs(tok, spec, PROMPTS[:n], clips(n, frames, seed))
+
+
+def run(model, x, plan):
+    with torch.no_grad(), tr.apply(model, plan) as h:
+        logits = model(**x).logits
+        tokens = model.generate(**x, max_new_tokens=4, do_sample=False)
+    return logits, tokens, h.report.calls[0]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("plan", ["none", "aim-merge(keep=1.0)", "pool(keep=1.0)", "random(keep=1.0)"])
+def test_noop_identity(zoo, preset, attn, plan):
+    model, tok = zoo[preset, attn]
+    x = make_inputs(model, tok)
+    with torch.no_grad():
+        ref, ref_tokens = model(**x).logits, model.generate(**x, max_new_tokens=4, do_sample=False)
+    out, tokens, _ = run(model, x, plan)
+    assert torch.equal(out, ref)
+    assert torch.equal(tokens, ref_tokens)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_explicit_equivalence(zoo, preset):
+    """A kept index set gives the logits of the vanilla LLM on inputs_embeds of exactly those tokens."""
+    model, tok = zoo[preset, "sdpa"]
+    x = make_inputs(model, tok)
+    out, _, call = run(model, x, "random(keep=0.3)")
+    ids = x["input_ids"][0]
+    with torch.no_grad():
+        stock = model.model.get_video_features(pixel_values_videos=x["pixel_values_videos"]).pooler_output
+    stock = stock.reshape(-1, stock.shape[-1])  # every video token of the stock sequence, in order
+    kept = call.positions[0]
+    is_ph = ids == model.config.video_token_id
+    rank = torch.cumsum(is_ph.long(), 0) - 1
+    embeds = model.get_input_embeddings()(ids[kept]).clone()
+    vis = is_ph[kept]
+    embeds[vis] = stock[rank[kept[vis]]]
+    with torch.no_grad():
+        ref = model(inputs_embeds=embeds[None]).logits
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("name", REDUCERS)
+def test_batch_equals_each_sample_alone(zoo, preset, name):
+    model, tok = zoo[preset, "sdpa"]
+    xb = make_inputs(model, tok, n=2)
+    plan = f"{name}(keep=0.25)"
+    out_b, gen_b, call_b = run(model, xb, plan)
+    width = xb["input_ids"].shape[1]
+    spec = adapter_for(model)(model).video_spec()
+    for b in range(2):
+        x1 = video_inputs(tok, spec, [PROMPTS[b]], [clips(2)[b]])
+        out_1, gen_1, call_1 = run(model, x1, plan)
+        assert call_b.tokens()[b] == call_1.tokens()[0]
+        n = call_1.seq_llm[0]
+        torch.testing.assert_close(out_b[b, -n:], out_1[0], atol=1e-4, rtol=1e-4)
+        new_1 = gen_1[0, x1["input_ids"].shape[1]:]
+        assert torch.equal(gen_b[b, width:width + new_1.numel()], new_1)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_same_kept_set_under_sdpa_and_eager(zoo, preset):
+    calls = [run(zoo[preset, a][0], make_inputs(*zoo[preset, a]), "aim-merge(keep=0.25)")[2] for a in ("sdpa", "eager")]
+    assert torch.equal(calls[0].visual[0].source, calls[1].visual[0].source)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_tokens_record_their_frame(zoo, preset):
+    model, tok = zoo[preset, "sdpa"]
+    _, _, call = run(model, make_inputs(model, tok, frames=6), "pool(keep=0.25)")
+    v = call.visual[0]
+    assert [it.kind for it in v.items] == ["frame"] * 6
+    assert [it.index for it in v.items] == list(range(6))
+    assert torch.equal(torch.bincount(v.item, minlength=6), torch.full((6,), len(v) // 6))
+    assert bool((v.position[1:] > v.position[:-1]).all())  # frames in order, tokens in order
+
+
+def test_aim_merge_twice_gives_the_video_schedule(zoo):
+    """AIM on LLaVA-OneVision: 196 -> 98 -> 49 per frame; here the tiny 4x4 = 16 -> 8 -> 4."""
+    model, tok = zoo["tiny-onevision", "sdpa"]
+    _, _, call = run(model, make_inputs(model, tok), "aim-merge(keep=0.5)+aim-merge(keep=0.5)")
+    assert call.tokens("input") == [64]
+    assert [c for _, c in call.stages] == [[64], [32], [16]]
+    assert torch.equal(torch.bincount(call.visual[0].item, minlength=4), torch.full((4,), 4))
+    assert call.extra_tokens == [1]  # the newline after the last frame
+
+
+def test_aim_merge_across_frames(zoo):
+    """frames=2 merges pairs of adjacent frames together; the pair's budget is the sum of its frames'."""
+    model, tok = zoo["tiny-onevision", "sdpa"]
+    x = make_inputs(model, tok)
+    x["pixel_values_videos"][:, 1] = x["pixel_values_videos"][:, 0]  # frames 0 and 1 identical
+    _, _, call = run(model, x, "aim-merge(keep=0.5, frames=2)")
+    v = call.visual[0]
+    assert len(v) == 32
+    # identical frames merge into each other: frame 1 tokens end up in tokens represented by frame 0
+    members_of_frame1 = v.source[16:32]
+    assert bool((v.item[members_of_frame1] == 0).any())
+
+
+def test_video_llava_frame_cls_follows_its_frame(zoo):
+    """Video-LLaVA: a frame's CLS token enters the LLM iff a token of that frame survives."""
+    model, tok = zoo["tiny-video-llava", "sdpa"]
+    x = make_inputs(model, tok)
+    _, _, full = run(model, x, "none")
+    _, _, red = run(model, x, "random(tokens=2)")
+    frames_left = len(set(red.visual[0].item.tolist()))
+    assert full.extra_tokens == [4]
+    assert red.extra_tokens == [frames_left]
+
+
+def test_onevision_refuses_images_with_a_clear_error(zoo):
+    model, _ = zoo["tiny-onevision", "sdpa"]
+    with tr.apply(model, "pool(keep=0.5)"), pytest.raises(tr.UnsupportedModelError, match="images"):
+        model(input_ids=torch.tensor([[1, 4, 5]]), pixel_values=torch.zeros(1, 3, 112, 112))
+
+
+def test_mixed_images_and_videos_are_refused(zoo):
+    model, tok = zoo["tiny-video-llava", "sdpa"]
+    x = make_inputs(model, tok)
+    with tr.apply(model, "pool(keep=0.5)"), pytest.raises(tr.InputError, match="not both"):
+        model(**x, pixel_values=torch.zeros(1, 3, 112, 112))
+
+
+def test_video_inputs_validate(zoo):
+    model, tok = zoo["tiny-onevision", "sdpa"]
+    spec = adapter_for(model)(model).video_spec()
+    with pytest.raises(tr.InputError, match="exactly once"):
+        video_inputs(tok, spec, ["no placeholder"], clips(1))
+    with pytest.raises(tr.InputError, match="same number of frames"):
+        video_inputs(tok, spec, PROMPTS, [clips(1, 4)[0], clips(1, 5)[0]])
+    with pytest.raises(tr.InputError, match="uint8"):
+        video_inputs(tok, spec, PROMPTS[:1], [clips(1)[0].astype(np.float32)])
