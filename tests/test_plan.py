@@ -39,7 +39,7 @@ def test_bare_words_are_strings_or_bools():
         ("aim-merge(keep=0.5))", r"unbalanced '\)'"),
         ("aim-merge(keep=0.5)+", r"empty entry"),
         ("aim-merge(0.5)", r"arguments must be named"),
-        ("aim-merge(kep=0.5)", r"unknown parameter\(s\) kep; known: keep, tokens, weighted"),
+        ("aim-merge(kep=0.5)", r"unknown parameter\(s\) kep; known: frames, keep, tokens, weighted"),
         ("aim-merge(keep=0.5 0.2)", r"cannot parse arguments"),
         ("aim-merge(keep=[1, 2][0])", r"not a literal"),
         ("9abc", r"cannot parse plan entry 1"),
@@ -78,9 +78,23 @@ def test_stage_order_is_validated():
     tr.Plan([Pool(keep=0.5), _PrefillProbe()])  # the right order is fine
 
 
+@dataclass
+class _FramesProbe(tr.Reducer):
+    name = "probe-frames"
+    stage = tr.Stage.FRAMES
+    summary = "test-only"
+
+
 def test_adapter_refuses_a_stage_it_cannot_serve():
     model = build_llava("tiny")
-    with pytest.raises(tr.UnsupportedModelError, match="probe-prefill runs at the prefill stage"):
+    with pytest.raises(tr.UnsupportedModelError, match="probe-frames runs at the frames stage"):
+        tr.attach(model, tr.Plan([_FramesProbe()]))
+    assert "forward" not in model.__dict__  # nothing was installed
+
+
+def test_a_prefill_entry_must_be_a_prefill_reducer():
+    model = build_llava("tiny")
+    with pytest.raises(tr.PlanError, match="probe-prefill.*not a PREFILL reducer"):
         tr.attach(model, tr.Plan([_PrefillProbe()]))
     assert "forward" not in model.__dict__  # nothing was installed
 

@@ -128,7 +128,7 @@ class PlaceholderAdapter(Adapter):
                     f"{type(self.model).__name__} has no CLS token"
                 )
 
-    stages = frozenset({Stage.ENCODER, Stage.VISUAL})
+    stages = frozenset({Stage.ENCODER, Stage.VISUAL, Stage.PREFILL, Stage.DECODE})
 
     def __init__(self, model: nn.Module):
         super().__init__(model)
@@ -137,6 +137,7 @@ class PlaceholderAdapter(Adapter):
         self._in_generate = False
         self._call: CallReport | None = None
         self._prefill_start: float | None = None
+        self._engine = None
 
     # -- to implement per family -------------------------------------------------------------
     @abc.abstractmethod
@@ -192,6 +193,12 @@ class PlaceholderAdapter(Adapter):
                     f"{type(model).__name__}.{name} is already patched on this instance "
                     "(is another plan attached? detach it first)"
                 )
+        engine = None
+        plan = handle.plan
+        if plan.at(Stage.PREFILL) or plan.at(Stage.DECODE):  # built first: it validates the plan on this model
+            from .llm import PrefillEngine
+
+            engine = PrefillEngine(self.language_model(), plan.at(Stage.PREFILL), plan.at(Stage.DECODE))
         orig_forward, orig_generate = model.forward, model.generate
 
         @functools.wraps(orig_forward)
@@ -207,6 +214,9 @@ class PlaceholderAdapter(Adapter):
         model.forward = forward
         model.generate = generate
         lm = self.language_model()
+        if engine is not None:
+            engine.install()  # before the timing hooks, so its record is ready when they run
+            self._engine = engine
         self._hooks.append(lm.register_forward_pre_hook(self._lm_pre, with_kwargs=True))
         self._hooks.append(lm.register_forward_hook(self._lm_post, with_kwargs=True))
 
@@ -216,6 +226,9 @@ class PlaceholderAdapter(Adapter):
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if getattr(self, "_engine", None) is not None:
+            self._engine.remove()
+            self._engine = None
         self._handle = None
 
     # -- timing of the LLM prefill -------------------------------------------------------------
@@ -229,6 +242,24 @@ class PlaceholderAdapter(Adapter):
             self._handle._sync()
             self._call.times["prefill"] = time.perf_counter() - self._prefill_start
             self._prefill_start = None
+            if self._engine is not None and self._engine.last is not None:
+                self._record_llm(self._call, self._engine.last)
+
+    def _record_llm(self, call: CallReport, rec) -> None:
+        """Tokens per decoder layer, KV cache sizes and the in-LLM reducers' time, from the engine's record."""
+        call.llm_visual = rec.visual_per_layer
+        call.llm_tokens = rec.tokens_per_layer
+        call.kv_tokens = rec.kv_tokens
+        call.times["reduce:prefill"] = rec.select_s
+        if rec.cut_layers:
+            call.times["reduce:decode"] = rec.cut_s
+        if call.positions is not None:  # forward's logits cover the tokens that left the last layer
+            fp = rec.final_positions
+            call.positions = torch.where(fp >= 0, call.positions.gather(1, fp.clamp(min=0)), -1)
+        dims = self.llm_dims()
+        if dims is not None:
+            per_sample = list(zip(*rec.tokens_per_layer))
+            call.flops["llm_prefill"] = sum(dims.forward_flops(list(n)) for n in per_sample)
 
     # -- the wrapped entry points ----------------------------------------------------------------
     def _forward(self, orig, *args, **kwargs):
@@ -247,6 +278,9 @@ class PlaceholderAdapter(Adapter):
         prep = self._prepare(kw, "forward")
         kw.update(prep)
         if kw.get("labels") is not None:
+            if self._engine is not None:
+                raise InputError("labels cannot be combined with in-LLM (PREFILL) reduction: the loss would "
+                                 "cover a shorter sequence than the labels")
             kw["labels"] = self._map_labels(kw["labels"], self._call.positions, self._visual_mask)
         if bool((kw["attention_mask"] == 0).any()):
             kw["position_ids"] = (kw["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
@@ -254,6 +288,8 @@ class PlaceholderAdapter(Adapter):
             return orig(**kw)
         finally:
             self._call = None
+            if self._engine is not None:
+                self._engine.disarm()
 
     def _generate(self, orig, *args, **kwargs):
         bound = self._sig_generate.bind_partial(*args, **kwargs)
@@ -273,7 +309,23 @@ class PlaceholderAdapter(Adapter):
         finally:
             self._in_generate = False
             self._call = None
+            if self._engine is not None:
+                self._engine.disarm()
         return _splice(out, caller_ids, new_len)
+
+    def run_unreduced(self, **kwargs):
+        """Run the model's own forward without the plan (for scorers that ask the model itself)."""
+        # the wrapped forward passes straight through, and the prefill timing hooks stay out of it
+        self._in_generate, call, self._call = True, self._call, None
+        try:
+            with torch.no_grad():
+                return self.model(**kwargs)
+        finally:
+            self._in_generate, self._call = False, call
+
+    def frame_inputs(self, tokenizer, pixels: Tensor, prompts: list[str]) -> dict[str, Any]:
+        """Model inputs asking `prompts[i]` about the single image/frame `pixels[i]` (3, S, S)."""
+        raise UnsupportedModelError(f"{type(self).__name__} cannot build single-frame inputs")
 
     def _has_visual(self, kw: dict[str, Any]) -> bool:
         return any(kw.get(k) is not None for k in ("pixel_values", "pixel_values_videos", "mm_encoder_outputs"))
@@ -351,6 +403,13 @@ class PlaceholderAdapter(Adapter):
         call.extra_tokens = [int(r.numel()) - len(v) for r, v in zip(runs_keep, batch)]
         call.vision_layers = run.layers_run
         self._estimate_flops(call)
+        if self._engine is not None:
+            protected = torch.zeros_like(self._visual_mask)
+            for b, v in enumerate(batch):
+                key = v.scores.get("key")
+                if key is not None:
+                    protected[b] = torch.isin(positions[b], v.position[key > 0]) & self._visual_mask[b]
+            self._engine.arm(self._visual_mask, protected, contexts)
         handle.report.calls.append(call)
         return {"input_ids": ids, "attention_mask": new_mask, "mm_encoder_outputs": self.pack(feats)}
 
@@ -396,7 +455,14 @@ class PlaceholderAdapter(Adapter):
             owners.append((list(range(start, img)), torch.cat(ex_pos) if ex_pos else empty, torch.cat(ex_owner)))
             text = mask[b].bool().clone()
             text[torch.cat(sample_runs)] = False
-            contexts.append(Context(sample=b, batch_size=len(runs), query_ids=input_ids[b, text], model=self.model))
+            tok = self._handle.tokenizer if self._handle is not None else None
+            items = sum(len(vis.layouts[i].grids) for i in range(start, img))
+            first = sum(len(lay.grids) for lay in vis.layouts[:start])
+            contexts.append(Context(
+                sample=b, batch_size=len(runs), query_ids=input_ids[b, text], model=self.model,
+                pixels=vis.pixel_values[first:first + items], adapter=self,
+                text=None if tok is None else tok.decode(input_ids[b, text], skip_special_tokens=True),
+            ))
         if img != len(lengths):
             raise InputError(
                 f"{len(lengths)} images were given but the prompts' placeholders account for {img}; "

@@ -25,7 +25,7 @@ class Handle:
         report: every call made while attached (`report.last`, or attribute access for the latest).
     """
 
-    def __init__(self, model: nn.Module, plan: Plan | str, sync_timing: bool = False):
+    def __init__(self, model: nn.Module, plan: Plan | str, sync_timing: bool = False, tokenizer=None):
         if isinstance(plan, str):
             plan = Plan.parse(plan)
         elif not isinstance(plan, Plan):
@@ -33,6 +33,7 @@ class Handle:
         self.model = model
         self.plan = plan
         self.sync_timing = sync_timing
+        self.tokenizer = tokenizer
         self.adapter = adapter_for(model)(model)
         self.adapter.check(plan)
         self.report = Report(plan=str(plan))
@@ -65,6 +66,10 @@ class Handle:
             t0 = time.perf_counter()
             out = r.reduce(batch, contexts)
             self._sync()
+            for c in contexts:  # named sub-steps (e.g. scoring), reported on their own
+                for k, v in c.times.items():
+                    call.times[k] = call.times.get(k, 0.0) + v
+                c.times.clear()
             label = r.name
             n = sum(1 for s, _ in call.stages if s == label or s.startswith(label + "#"))
             if n:
@@ -77,18 +82,19 @@ class Handle:
         return batch
 
 
-def attach(model: nn.Module, plan: Plan | str, sync_timing: bool = False) -> Handle:
+def attach(model: nn.Module, plan: Plan | str, sync_timing: bool = False, tokenizer=None) -> Handle:
     """Attach `plan` to `model` until `handle.detach()`; see `apply` for the with-block form."""
-    return Handle(model, plan, sync_timing=sync_timing)
+    return Handle(model, plan, sync_timing=sync_timing, tokenizer=tokenizer)
 
 
 @contextlib.contextmanager
-def apply(model: nn.Module, plan: Plan | str, sync_timing: bool = False) -> Iterator[Handle]:
+def apply(model: nn.Module, plan: Plan | str, sync_timing: bool = False, tokenizer=None) -> Iterator[Handle]:
     """Reduce `model` with `plan` inside the block; everything is restored on exit, also on error.
 
-    `sync_timing=True` synchronises CUDA around timed stages (accurate times, slower).
+    `sync_timing=True` synchronises CUDA around timed stages (accurate times, slower). `tokenizer` lets
+    reducers that read the prompt's text (QuoTA's frame scorer) see it.
     """
-    handle = attach(model, plan, sync_timing=sync_timing)
+    handle = attach(model, plan, sync_timing=sync_timing, tokenizer=tokenizer)
     try:
         yield handle
     finally:

@@ -38,12 +38,22 @@ class Context:
         batch_size: number of samples in the call.
         query_ids: (T,) long, the caller's non-visual token ids of this sample (the prompt text).
         model: the model being reduced (reducers must not inspect its family).
+        pixels: (n_items, 3, S, S) the sample's vision-tower inputs (its images, crops or frames), as the
+            model's processor normalised them.
+        text: the prompt's text without the visual placeholders (when the handle has a tokenizer).
+        adapter: the model's adapter; `adapter.run_unreduced(**kwargs)` runs the model without the plan,
+            and `adapter.frame_inputs(tokenizer, pixels, prompts)` builds one-frame inputs (for scorers).
+        times: seconds of named sub-steps a reducer wants reported (e.g. "score:quota").
     """
 
     sample: int = 0
     batch_size: int = 1
     query_ids: torch.Tensor | None = None
     model: Any = None
+    pixels: torch.Tensor | None = None
+    text: str | None = None
+    adapter: Any = None
+    times: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -139,7 +149,14 @@ class BudgetedReducer(Reducer):
         return max(1, min(n, math.floor(float(self.keep) * n + 0.5)))  # type: ignore[arg-type]
 
     def item_budgets(self, tokens: VisualTokens) -> list[int]:
-        """The sample's budget split over its items in proportion to their token counts (sums exactly)."""
+        """The sample's budget split over its items in proportion to their token counts (sums exactly).
+
+        A reducer driven by another one (QuoTA reducing each frame with `pool`) gets its per-item budgets
+        set in `fixed_item_budgets` instead.
+        """
+        fixed = getattr(self, "fixed_item_budgets", None)
+        if fixed is not None:
+            return list(fixed)
         counts = tokens.item_counts().tolist()
         return split_budget(self.budget(len(tokens)), counts)
 
@@ -215,6 +232,8 @@ class Plan:
         for i, r in enumerate(self.reducers):
             if not isinstance(r, Reducer):
                 raise PlanError(f"plan entry {i} is {type(r).__name__}, not a Reducer")
+        # a reducer that spans several stages (mustdrop) stands for its parts, one per stage
+        self.reducers = [p for r in self.reducers for p in (r.parts() if hasattr(r, "parts") else [r])]
         for a, b in zip(self.reducers, self.reducers[1:]):
             if b.stage < a.stage:
                 raise PlanError(

@@ -29,6 +29,9 @@ class CallReport:
         extra_tokens: per sample, non-grid visual tokens that entered the LLM (LLaVA-NeXT's row newlines
             of rows that kept a token); not counted in `stages`.
         vision_layers: vision-tower layers that ran (the tower stops after the last layer anybody needs).
+        llm_visual: [layer][sample] visual tokens entering each decoder layer (in-LLM reduction only).
+        llm_tokens: [layer][sample] tokens entering each decoder layer (in-LLM reduction only).
+        kv_tokens: [layer][sample] entries of each layer's KV cache after prefill (in-LLM reduction only).
     """
 
     kind: str
@@ -43,6 +46,16 @@ class CallReport:
     flops: dict[str, float] = field(default_factory=dict)
     extra_tokens: list[int] = field(default_factory=list)
     vision_layers: int = 0
+    llm_visual: list[list[int]] = field(default_factory=list)
+    llm_tokens: list[list[int]] = field(default_factory=list)
+    kv_tokens: list[list[int]] = field(default_factory=list)
+
+    @property
+    def visual_layer_average(self) -> list[float]:
+        """Per sample, visual tokens averaged over decoder layers, the way AIM and MustDrop count them."""
+        if not self.llm_visual:
+            return [float(c) for c in self.tokens()]
+        return [sum(col) / len(self.llm_visual) for col in zip(*self.llm_visual)]
 
     def tokens(self, stage: str = "final") -> list[int]:
         """Visual tokens per sample after `stage` ("input", a reducer label, or "final")."""
@@ -67,6 +80,9 @@ class CallReport:
             "flops": self.flops,
             "extra_tokens": self.extra_tokens,
             "vision_layers": self.vision_layers,
+            "llm_visual_per_layer": self.llm_visual,
+            "kv_tokens": self.kv_tokens,
+            "visual_layer_average": self.visual_layer_average,
         }
 
     def __str__(self) -> str:
@@ -77,6 +93,11 @@ class CallReport:
             lines.append(f"  {label:<{width}}  {', '.join(str(c) for c in counts)}")
         if any(self.extra_tokens):
             lines.append(f"  {'+ newlines':<{width}}  {', '.join(str(c) for c in self.extra_tokens)}")
+        if self.llm_visual:
+            per_layer = " ".join("/".join(str(c) for c in layer) for layer in self.llm_visual)
+            lines.append(f"  {'LLM layers':<{width}}  {per_layer}  (visual tokens entering each layer)")
+            avg = ", ".join(f"{a:.1f}" for a in self.visual_layer_average)
+            lines.append(f"  {'layer avg':<{width}}  {avg}")
         lines.append(f"  {'sequence':<{width}}  {', '.join(f'{a} -> {b}' for a, b in zip(self.seq_in, self.seq_llm))}")
         if "llm_prefill" in self.flops and self.flops.get("llm_prefill_full"):
             ratio = self.flops["llm_prefill_full"] / self.flops["llm_prefill"]

@@ -54,6 +54,19 @@ class VideoAdapterMixin:
             return {"video": BaseModelOutputWithPooling(pooler_output=torch.cat(features)[None])}
         return {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}
 
+    def frame_inputs(self, tokenizer, pixels: Tensor, prompts: list[str]) -> dict[str, Any]:
+        """One-frame videos: `prompts[i]` (with one "<video>") about frame `pixels[i]` (3, S, S)."""
+        spec = self.video_spec()
+        texts = []
+        for p in prompts:
+            if p.count(spec.token) != 1:
+                raise InputError(f"a frame prompt must contain {spec.token!r} exactly once: {p!r}")
+            texts.append(p.replace(spec.token, spec.token * spec.tokens(1)))
+        enc = tokenizer(texts, padding=True, return_tensors="pt")
+        dev = pixels.device
+        return {"input_ids": enc["input_ids"].to(dev), "attention_mask": enc["attention_mask"].to(dev),
+                "pixel_values_videos": pixels[:, None]}
+
     @staticmethod
     def _frames(videos: Tensor) -> Tensor:
         if videos.dim() != 5:
