@@ -361,7 +361,9 @@ def _target_size(size: Size, height: int, width: int) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------------------------
 
 _DEFAULT_OPTIONS: dict[str, dict[str, str]] = {
-    "libx264": {"crf": "18", "preset": "veryfast"},
+    # mbtree=0: libx264's macroblock-tree rate control reads uninitialised memory, so the same frames can
+    # encode to different bytes from run to run; without it the output is byte-identical
+    "libx264": {"crf": "18", "preset": "veryfast", "x264-params": "mbtree=0"},
     "mpeg4": {"qmin": "2", "qmax": "4"},
 }
 
