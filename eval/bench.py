@@ -67,6 +67,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", default="bench-results/bench.json", help="JSON path (parent folders are created)")
+    p.add_argument("--decode", type=_count(0), default=0,
+                   help="also generate this many tokens after the first and report decode tokens/s (default 0)")
+    p.add_argument("--video", action="store_true",
+                   help="video bench: a video preset (default llava-onevision-7b-shape) at --frames frames")
+    p.add_argument("--frames", default="32", help="with --video: comma list of frame counts (default 32)")
 
 
 class PeakRSS:
@@ -140,9 +145,29 @@ def _inputs(processor, dtype: torch.dtype, batch: int = 1) -> dict[str, torch.Te
     return inputs
 
 
-def measure(model, inputs: dict[str, Any], plan: str | None) -> dict[str, Any]:
-    """One time-to-first-token measurement of `plan` ("none": no reducers, attached; None: nothing attached)."""
+class _FirstToken:
+    """A stopping criterion that never stops but notes when generate produced its first token."""
+
+    def __init__(self) -> None:
+        self.t: float | None = None
+
+    def __call__(self, input_ids, scores, **kwargs):
+        if self.t is None:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.t = time.perf_counter()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def measure(model, inputs: dict[str, Any], plan: str | None, decode: int = 0, tokenizer=None) -> dict[str, Any]:
+    """One measurement of `plan` ("none": no reducers, attached; None: nothing attached).
+
+    Time to first token, and with `decode` > 0 the decode rate of the next `decode` tokens (the first
+    token's time is taken by a stopping-criterion callback, so one generate call gives both).
+    """
     import contextlib
+
+    from transformers import StoppingCriteriaList
 
     import tokenreduce as tr
 
@@ -151,24 +176,35 @@ def measure(model, inputs: dict[str, Any], plan: str | None) -> dict[str, Any]:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         allocated = torch.cuda.memory_allocated()
-    attached = tr.apply(model, plan, sync_timing=True) if plan is not None else contextlib.nullcontext()
+    attached = (tr.apply(model, plan, sync_timing=True, tokenizer=tokenizer) if plan is not None
+                else contextlib.nullcontext())
+    first = _FirstToken()
     with PeakRSS() as mem, attached as run, torch.inference_mode():
         t0 = time.perf_counter()
-        model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        out = model.generate(**inputs, max_new_tokens=1 + decode, min_new_tokens=1 + decode, do_sample=False,
+                             stopping_criteria=StoppingCriteriaList([first]))
         if cuda:
             torch.cuda.synchronize()
-        ttft = time.perf_counter() - t0
+        t_end = time.perf_counter()
+    ttft = (first.t or t_end) - t0
     rec = {"ttft": ttft, "peak_mib": (torch.cuda.max_memory_allocated() - allocated) / 2**20 if cuda else mem.mib,
            "memory_method": "cuda max_memory_allocated" if cuda else mem.method}
+    if decode:
+        new = out.shape[1] - inputs["input_ids"].shape[1] - 1
+        rec["decode_tps"] = new / max(t_end - first.t, 1e-9) if first.t is not None else 0.0
     if run is not None:
         call = run.report.last
         rec.update(
             vision=call.times["vision"],
             prefill=call.times["prefill"],
             reduce=sum(v for k, v in call.times.items() if k.startswith("reduce:")),
+            score=sum(v for k, v in call.times.items() if k.startswith("score:")),
             tokens=call.tokens()[0],
+            layer_avg=call.visual_layer_average[0],
             seq_llm=call.seq_llm[0],
             seq_llm_total=sum(call.seq_llm),
+            kv_layer_tokens=sum(sum(layer) for layer in call.kv_tokens) if call.kv_tokens else None,
+            llm_layers=len(call.kv_tokens) if call.kv_tokens else None,
             flops=dict(call.flops),
         )
     return rec
@@ -195,11 +231,16 @@ def summarize(plan: str, runs: list[dict[str, Any]], base: dict[str, Any] | None
 
     Speedups and efficiencies use medians; `*_efficiency_min` use each side's fastest repeat instead.
     """
-    med = {k: statistics.median(r[k] for r in runs) for k in ("ttft", "vision", "prefill", "reduce", "peak_mib")}
+    med = {k: statistics.median(r[k] for r in runs)
+           for k in ("ttft", "vision", "prefill", "reduce", "score", "peak_mib")}
     first = runs[0]
+    layers = first.get("llm_layers") or 1
+    kv_mib = (kv_bytes_per_token * first["kv_layer_tokens"] / layers if first.get("kv_layer_tokens") is not None
+              else kv_bytes_per_token * first["seq_llm_total"]) / 2**20
     rec: dict[str, Any] = {
         "plan": plan,
         "visual_tokens": first["tokens"],
+        "visual_layer_avg": first["layer_avg"],
         "seq_llm": first["seq_llm"],
         "ttft_ms": med["ttft"] * 1e3,
         "ttft_ms_min": min(r["ttft"] for r in runs) * 1e3,
@@ -209,12 +250,15 @@ def summarize(plan: str, runs: list[dict[str, Any]], base: dict[str, Any] | None
         "prefill_ms_all": [r["prefill"] * 1e3 for r in runs],
         "vision_ms": med["vision"] * 1e3,
         "reduce_ms": med["reduce"] * 1e3,
+        "score_ms": med["score"] * 1e3,
         "peak_mib": med["peak_mib"],
         "memory_method": first["memory_method"],
-        "kv_cache_mib": kv_bytes_per_token * first["seq_llm_total"] / 2**20,
+        "kv_cache_mib": kv_mib,
         "flops": first["flops"],
         "repeats": len(runs),
     }
+    if "decode_tps" in first:
+        rec["decode_tps"] = statistics.median(r["decode_tps"] for r in runs)
     if base is not None:
         ideal_prefill, ideal_ttft = _ideal(first["flops"], base["flops"])
         rec["prefill_speedup"] = base["prefill_ms"] / rec["prefill_ms"]
@@ -226,6 +270,8 @@ def summarize(plan: str, runs: list[dict[str, Any]], base: dict[str, Any] | None
         # the same from the fastest repeat of each side (noise on a shared machine only ever adds time)
         rec["prefill_efficiency_min"] = base["prefill_ms_min"] / rec["prefill_ms_min"] / ideal_prefill
         rec["ttft_efficiency_min"] = base["ttft_ms_min"] / rec["ttft_ms_min"] / ideal_ttft
+        if "decode_tps" in rec and base.get("decode_tps"):
+            rec["decode_speedup"] = rec["decode_tps"] / base["decode_tps"]
     return rec
 
 
@@ -244,13 +290,14 @@ def summarize_stock(runs: list[dict[str, Any]], base: dict[str, Any]) -> dict[st
 
 
 COLUMNS = [
-    ("plan", "plan", "{}"), ("visual_tokens", "vis tok", "{}"), ("seq_llm", "LLM seq", "{}"),
+    ("plan", "plan", "{}"), ("visual_tokens", "vis tok", "{}"), ("visual_layer_avg", "layer avg", "{:.0f}"),
+    ("seq_llm", "LLM seq", "{}"),
     ("ttft_ms", "TTFT ms", "{:.0f}"), ("vision_ms", "vision ms", "{:.0f}"), ("prefill_ms", "prefill ms", "{:.0f}"),
-    ("reduce_ms", "reduce ms", "{:.1f}"), ("ttft_speedup", "TTFT x", "{:.2f}"),
+    ("reduce_ms", "reduce ms", "{:.1f}"), ("score_ms", "score ms", "{:.0f}"), ("ttft_speedup", "TTFT x", "{:.2f}"),
     ("ideal_ttft_speedup", "ideal TTFT x", "{:.2f}"), ("ttft_efficiency", "TTFT eff", "{:.2f}"),
     ("prefill_speedup", "prefill x", "{:.2f}"), ("ideal_prefill_speedup", "ideal prefill x", "{:.2f}"),
     ("prefill_efficiency", "prefill eff", "{:.2f}"), ("peak_mib", "peak MiB", "{:.0f}"),
-    ("kv_cache_mib", "KV MiB", "{:.1f}"),
+    ("kv_cache_mib", "KV MiB", "{:.1f}"), ("decode_tps", "decode tok/s", "{:.2f}"),
 ]
 
 
@@ -287,12 +334,18 @@ def _write(out: Path, data: dict[str, Any]) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Build the model, measure `stock`, `none` and every plan round-robin, print the table, write JSON."""
-    from tokenreduce.adapters.llava.zoo import NEXT_PRESETS, PRESETS, build_llava_with_processor
+    from tokenreduce.adapters.llava.zoo import NEXT_PRESETS, PRESETS
+    from tokenreduce.adapters.videollm.zoo import PRESETS as VIDEO_PRESETS
 
     from tokenreduce.cli import CLIError
-    from tokenreduce.plan import Plan
 
-    if args.preset not in PRESETS and args.preset not in NEXT_PRESETS:
+    if args.video:
+        if args.preset == "llava-1.5-7b-shape":  # the image default: switch to the video default
+            args.preset = "llava-onevision-7b-shape"
+        if args.preset not in VIDEO_PRESETS:
+            raise CLIError(f"--preset {args.preset!r}: not a video preset ({', '.join(VIDEO_PRESETS)})")
+        frames = _number_list(args.frames, "--frames", int, lambda f: f >= 1, "frame counts must be positive")
+    elif args.preset not in PRESETS and args.preset not in NEXT_PRESETS:
         raise CLIError(f"--preset {args.preset!r}: not a built-in preset ({', '.join([*PRESETS, *NEXT_PRESETS])})")
     # validate before the (slow) model build; the plan list is built from the same flags later
     if args.budgets:
@@ -303,12 +356,56 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     t_start = time.perf_counter()
-    model, processor = build_llava_with_processor(
-        args.preset, attn=args.attn, dtype=dtype, llm_layers=args.llm_layers, vision_layers=args.vision_layers
-    )
+    if not args.video:
+        from tokenreduce.adapters.llava.zoo import build_llava_with_processor
+
+        model, processor = build_llava_with_processor(
+            args.preset, attn=args.attn, dtype=dtype, llm_layers=args.llm_layers, vision_layers=args.vision_layers
+        )
+        if torch.cuda.is_available():
+            model = model.cuda()
+        inputs = _inputs(processor, dtype, args.batch)
+        return run_bench(args, model, inputs, None, Path(args.out), t_start)
+    from tokenreduce.adapters.videollm.zoo import build_video_llm
+
+    model, tokenizer = build_video_llm(args.preset, attn=args.attn, dtype=dtype, llm_layers=args.llm_layers,
+                                       vision_layers=args.vision_layers)
     if torch.cuda.is_available():
         model = model.cuda()
-    inputs = _inputs(processor, dtype, args.batch)
+    out = Path(args.out)
+    for n in frames:
+        inputs = _video_inputs(model, tokenizer, n, dtype, args.batch)
+        path = out if len(frames) == 1 else out.with_name(f"{out.stem}-{n}f{out.suffix}")
+        print(f"--- {n} frames", file=sys.stderr)
+        run_bench(args, model, inputs, tokenizer, path, t_start)
+    return 0
+
+
+def _video_inputs(model, tokenizer, frames: int, dtype: torch.dtype, batch: int) -> dict[str, torch.Tensor]:
+    """A generated clip (a moving square on a noisy background) of `frames` frames, as the model's video input."""
+    import numpy as np
+    from tokenreduce.adapters.videollm import video_inputs
+
+    from tokenreduce.registry import adapter_for
+
+    spec = adapter_for(model)(model).video_spec()
+    rng = np.random.default_rng(0)
+    clip = rng.integers(40, 80, (frames, spec.size, spec.size, 3), dtype=np.uint8)
+    for t in range(frames):
+        x = int((spec.size - 64) * t / max(1, frames - 1))
+        clip[t, 100:164, x:x + 64] = (220, 40, 40)
+    text = f"USER: {spec.token}\nWhat does the red square do? ASSISTANT:"
+    inputs = video_inputs(tokenizer, spec, [text] * batch, [clip] * batch)
+    inputs["pixel_values_videos"] = inputs["pixel_values_videos"].to(dtype)
+    return inputs
+
+
+def run_bench(args: argparse.Namespace, model, inputs: dict[str, Any], tokenizer, out: Path, t_start: float) -> int:
+    """Measure `stock`, `none` and every plan on `inputs`, round-robin; print the table and write JSON to `out`."""
+    from tokenreduce.cli import CLIError
+    from tokenreduce.plan import Plan
+
+    dtype = next(model.parameters()).dtype
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     n_visual = visual_tokens(model, inputs)
     plans = plan_list(args, n_visual)
@@ -325,7 +422,6 @@ def main(args: argparse.Namespace) -> int:
     tc = model.config.text_config
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
     kv_per_token = 2 * tc.num_hidden_layers * tc.num_key_value_heads * head_dim * torch.finfo(dtype).bits // 8
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -344,7 +440,7 @@ def main(args: argparse.Namespace) -> int:
         # forward, backward, forward, ...: a linear drift over a round cancels between the plans
         for j, plan in enumerate(order if (rnd - args.warmup) % 2 == 0 else order[::-1]):
             print(f"[{tag}] [{j + 1}/{len(order)}] {plan or 'stock (nothing attached)'}", file=sys.stderr, flush=True)
-            m = measure(model, inputs, plan)
+            m = measure(model, inputs, plan, args.decode, tokenizer)
             if not warm:
                 runs[plan].append(m)
         if warm:

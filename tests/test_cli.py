@@ -155,3 +155,37 @@ def test_folder_that_is_not_a_checkpoint(capsys, image_path, tmp_path):
 def test_max_new_tokens_must_be_positive(capsys, image_path):
     assert_fails(_run_args("aim-merge(keep=0.25)", image_path) + ["--max-new-tokens", "0"], capsys,
                  "positive integer")
+
+
+@pytest.fixture(scope="module")
+def clip_file(tmp_path_factory) -> Path:
+    import numpy as np
+
+    from tokenreduce.video import write_video
+
+    path = tmp_path_factory.mktemp("video") / "clip.mp4"
+    rng = np.random.default_rng(0)
+    write_video(path, rng.integers(0, 256, (30, 64, 96, 3), dtype=np.uint8), fps=10)
+    return path
+
+
+@pytest.mark.parametrize("model", ["tiny-onevision", "tiny-video-llava", "tiny-next-video"])
+def test_run_on_a_video_file(clip_file, capsys, model):
+    code, out, err = run_cli(["run", "--video", str(clip_file), "--model", model, "--frames", "6", "--json",
+                              "--plan", "quota(keep=0.25)+aim-prune", "--prompt", "What moves?",
+                              "--max-new-tokens", "2"], capsys)
+    assert code == 0, err
+    rec = json.loads(out)
+    assert len(rec["frames"]) == 6 and rec["frames"][0] == 0 and rec["frames"][-1] == 29
+    call = rec["report"]["calls"][0]
+    stages = {s["stage"]: s["tokens"] for s in call["stages"]}
+    budget = round(0.25 * stages["input"][0])
+    assert 0.9 * budget <= stages["quota"][0] <= budget  # bilinear grids may fall a little under the budget
+    assert "score:quota" in call["times_s"]
+
+
+def test_video_errors_are_one_line(clip_file, tmp_path, capsys):
+    assert_fails(["run", "--video", str(tmp_path / "nope.mp4"), "--prompt", "x"], capsys, "nope.mp4")
+    assert_fails(["run", "--video", str(clip_file), "--image", str(SHAPES), "--prompt", "x"], capsys, "exactly one")
+    assert_fails(["run", "--prompt", "x"], capsys, "exactly one")
+    assert_fails(["run", "--video", str(clip_file), "--model", "tiny", "--prompt", "x"], capsys, "video preset")

@@ -168,3 +168,26 @@ def test_video_inputs_validate(zoo):
         video_inputs(tok, spec, PROMPTS, [clips(1, 4)[0], clips(1, 5)[0]])
     with pytest.raises(tr.InputError, match="uint8"):
         video_inputs(tok, spec, PROMPTS[:1], [clips(1)[0].astype(np.float32)])
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_visual_reducer_from_a_video_file(zoo, preset, tmp_path):
+    """A real mp4 written with PyAV, decoded, sampled uniformly and reduced by every VISUAL reducer in generate."""
+    from tokenreduce.video import load_video, write_video
+
+    model, tok = zoo[preset, "sdpa"]
+    path = tmp_path / "clip.mp4"
+    write_video(path, np.concatenate(clips(1, frames=24)), fps=8)
+    frames = load_video(path, num_frames=4)
+    x = video_inputs(tok, adapter_for(model)(model).video_spec(), PROMPTS[:1], [frames.frames])
+    for name in ["aim-merge", "random", "pool", "hired", "quota"]:
+        plan = f"{name}(keep=0.25)"
+        if name == "hired" and preset == "tiny-onevision":  # SigLIP: no CLS token to score with
+            with pytest.raises(tr.UnsupportedModelError, match="CLS"):
+                tr.attach(model, plan)
+            continue
+        with torch.no_grad(), tr.apply(model, plan, tokenizer=tok) as h:
+            out = model.generate(**x, max_new_tokens=2, do_sample=False)
+        assert out.shape[1] > x["input_ids"].shape[1]
+        call = h.report.last
+        assert 0 < call.tokens()[0] <= round(0.25 * call.tokens("input")[0])

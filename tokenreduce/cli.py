@@ -67,6 +67,62 @@ def load_model(spec: str, attn: str = "sdpa"):
     return model, processor
 
 
+def load_video_model(spec: str, attn: str = "sdpa"):
+    """(model, tokenizer) of a video LLM from a local checkpoint folder or a built-in video preset."""
+    import os
+
+    from .adapters.videollm.zoo import PRESETS, build_video_llm
+
+    if spec in PRESETS:
+        return build_video_llm(spec, attn=attn)
+    if not os.path.isdir(spec):
+        raise CLIError(
+            f"--model {spec!r}: not a local checkpoint folder nor a built-in video preset "
+            f"({', '.join(PRESETS)}); no download is attempted"
+        )
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(spec, attn_implementation=attn).eval()
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError, KeyError) as e:
+        raise CLIError(f"--model {spec!r}: cannot load a video model and tokenizer from it ({e})") from None
+    return model, tokenizer
+
+
+def _run_video(args: argparse.Namespace, plan) -> int:
+    import torch
+
+    from . import apply
+    from .registry import adapter_for
+    from .video import load_video
+
+    frames = load_video(args.video, num_frames=None if args.fps else args.frames, fps=args.fps,
+                        max_frames=args.frames if args.fps else None)
+    model, tokenizer = load_video_model(args.model or "tiny-onevision", args.attn)
+    adapter = adapter_for(model)(model)
+    if not hasattr(adapter, "video_spec"):
+        raise CLIError(f"--video: {type(model).__name__} is not a video model")
+    from .adapters.videollm import video_inputs
+
+    spec = adapter.video_spec()
+    text = f"USER: {spec.token}\n{args.prompt} ASSISTANT:"
+    inputs = video_inputs(tokenizer, spec, [text], [frames.frames])
+    with torch.no_grad(), apply(model, plan, tokenizer=tokenizer) as run:
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    _print_run(args, answer, run, {"frames": frames.indices.tolist(), "timestamps": frames.time_prompt()})
+    return 0
+
+
+def _print_run(args: argparse.Namespace, answer: str, run, extra: dict | None = None) -> None:
+    if args.json:
+        print(json.dumps({"answer": answer, **(extra or {}), "report": run.report.to_dict()}, indent=2))
+    else:
+        print(f"answer: {answer!r}")
+        print(run.report)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     import os
 
@@ -77,24 +133,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .plan import Plan
 
     plan = Plan.parse(args.plan)
+    if (args.image is None) == (args.video is None):
+        raise CLIError("give exactly one of --image or --video")
+    if args.video is not None:
+        return _run_video(args, plan)
     if not os.path.isfile(args.image):
         raise CLIError(f"--image {args.image!r}: no such file")
     try:
         image = Image.open(args.image).convert("RGB")
     except Exception as e:  # PIL raises several types for unreadable files
         raise CLIError(f"--image {args.image!r}: cannot read it as an image ({e})") from None
-    model, processor = load_model(args.model, args.attn)
+    model, processor = load_model(args.model or "tiny", args.attn)
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
     text = processor.apply_chat_template(conversation, add_generation_prompt=True)
     inputs = processor(text=text, images=image, return_tensors="pt")
     with torch.no_grad(), apply(model, plan) as run:
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     answer = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
-    if args.json:
-        print(json.dumps({"answer": answer, "report": run.report.to_dict()}, indent=2))
-    else:
-        print(f"answer: {answer!r}")
-        print(run.report)
+    _print_run(args, answer, run)
     return 0
 
 
@@ -114,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
             examples:
               tokenreduce list
               tokenreduce run --plan "aim-merge(keep=0.25)" --image cat.png --prompt "What is this?"
+              tokenreduce run --plan "quota(keep=0.25)" --video clip.mp4 --frames 16 --prompt "What happens?"
               tokenreduce bench --out bench.json
             """
         ),
@@ -123,11 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=_cmd_list)
 
-    s = sub.add_parser("run", help="run a plan on one image and print the answer and the token report")
+    s = sub.add_parser("run", help="run a plan on one image or video and print the answer and the token report")
     s.add_argument("--plan", default="none", help='plan string, e.g. "aim-merge(keep=0.25)" or "none"')
-    s.add_argument("--image", required=True)
+    s.add_argument("--image", help="an image file")
+    s.add_argument("--video", help="a video file (frames sampled uniformly, as lmms-eval does)")
+    s.add_argument("--frames", type=_positive_int, default=8, help="frames to sample from --video (default 8)")
+    s.add_argument("--fps", type=float, default=None, help="sample --video at this rate instead (at most --frames)")
     s.add_argument("--prompt", required=True)
-    s.add_argument("--model", default="tiny", help="local checkpoint folder or a built-in preset (default: tiny)")
+    s.add_argument("--model", default=None,
+                   help="local checkpoint folder or a built-in preset (default: tiny; tiny-onevision with --video)")
     s.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     s.add_argument("--max-new-tokens", type=_positive_int, default=16)
     s.add_argument("--json", action="store_true")

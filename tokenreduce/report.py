@@ -27,7 +27,8 @@ class CallReport:
         flops: estimated FLOPs: "llm_prefill" / "llm_prefill_full" (same prompts, nothing reduced),
             and "vision" when the adapter knows the vision tower's widths.
         extra_tokens: per sample, non-grid visual tokens that entered the LLM (LLaVA-NeXT's row newlines
-            of rows that kept a token); not counted in `stages`.
+            of rows that kept a token, Video-LLaVA's frame CLS tokens, LLaVA-OneVision's video newline);
+            not counted in `stages`.
         vision_layers: vision-tower layers that ran (the tower stops after the last layer anybody needs).
         llm_visual: [layer][sample] visual tokens entering each decoder layer (in-LLM reduction only).
         llm_tokens: [layer][sample] tokens entering each decoder layer (in-LLM reduction only).
@@ -92,7 +93,8 @@ class CallReport:
         for label, counts in self.stages:
             lines.append(f"  {label:<{width}}  {', '.join(str(c) for c in counts)}")
         if any(self.extra_tokens):
-            lines.append(f"  {'+ newlines':<{width}}  {', '.join(str(c) for c in self.extra_tokens)}")
+            extra = ", ".join(str(c) for c in self.extra_tokens)
+            lines.append(f"  {'+ extra':<{width}}  {extra}  (newline/CLS tokens)")
         if self.llm_visual:
             per_layer = " ".join("/".join(str(c) for c in layer) for layer in self.llm_visual)
             lines.append(f"  {'LLM layers':<{width}}  {per_layer}  (visual tokens entering each layer)")

@@ -89,6 +89,22 @@ def full_grid_features(batch: list[VisualTokens], what: str) -> Tensor:
     return torch.cat([v.features for v in batch]).reshape(g, -1, batch[0].features.shape[-1])
 
 
+def pooled_scores(tower: list[VisualTokens], llm: list[VisualTokens], grid: tuple[int, int], stride: int
+                  ) -> list[VisualTokens]:
+    """Carry the tower tokens' scores (attention mass) to the pooled grid: summed over each stride x stride window."""
+    if not tower or not tower[0].scores:
+        return llm
+    out = []
+    for t, v in zip(tower, llm):
+        scores = {}
+        for name, s in t.scores.items():
+            x = s.reshape(t.num_items, 1, *grid).float()
+            scores[name] = (torch.nn.functional.avg_pool2d(x, stride) * stride * stride).flatten()
+        out.append(VisualTokens(v.features, v.item, v.row, v.col, v.position, v.size, v.source, v.grids, v.items,
+                                scores))
+    return out
+
+
 def video_pixel_values(frames: np.ndarray, spec: VideoSpec) -> Tensor:
     """(T, H, W, 3) uint8 frames -> (T, 3, size, size) float, as the model's processor would give them."""
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:

@@ -16,7 +16,7 @@ from tokenreduce.tokens import VisualTokens
 
 from ..llava.llava15 import feature_options
 from ..llava.llava_next import LlavaNextAdapter
-from .common import VideoSpec, frame_layout, full_grid_features, tower_grid_tokens
+from .common import VideoSpec, frame_layout, full_grid_features, pooled_scores, tower_grid_tokens
 from .video_llava import CLIP_MEAN, CLIP_STD, VideoAdapterMixin
 
 
@@ -51,7 +51,9 @@ class LlavaNextVideoAdapter(VideoAdapterMixin, LlavaNextAdapter):
             return super().finish_tokens(vis, run, batch)
         x = full_grid_features(run.batch, "LLaVA-NeXT-Video")
         pooled = self.project(self.model.model.vision_resampler(x))  # (G, q*q, D)
-        return [v.with_features(f.flatten(0, 1)) for v, f in zip(batch, pooled.split([v.num_items for v in batch]))]
+        out = [v.with_features(f.flatten(0, 1)) for v, f in zip(batch, pooled.split([v.num_items for v in batch]))]
+        s, _ = self._sides()
+        return pooled_scores(run.batch, out, (s, s), self.model.config.spatial_pool_stride)
 
     def video_spec(self) -> VideoSpec:
         vc = self.model.config.vision_config
