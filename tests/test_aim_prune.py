@@ -10,32 +10,13 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from decoders import FAMILIES, tiny  # noqa: E402,F401
 
 import tokenreduce as tr
 from tokenreduce.errors import PlanError
 from tokenreduce.llm import CacheState, LayerView, PrefillEngine
 from tokenreduce.prune.aim_prune import AIMPrune, pagerank
 from tokenreduce.prune.mustdrop import MustDropDecode, MustDropPrefill, dual_attention_drop
-
-FAMILIES = {"llama": (LlamaForCausalLM, LlamaConfig), "qwen2": (Qwen2ForCausalLM, Qwen2Config)}
-_CACHE: dict = {}
-
-
-def tiny(family: str = "llama", attn: str = "sdpa", dtype: torch.dtype = torch.float32):
-    key = (family, attn, dtype)
-    if key not in _CACHE:
-        model_cls, cfg_cls = FAMILIES[family]
-        cfg = cfg_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=100, initializer_range=0.2)
-        cfg._attn_implementation = attn
-        torch.manual_seed(0)
-        model = model_cls(cfg).eval().to(dtype)
-        model.generation_config.eos_token_id = None
-        model.generation_config.pad_token_id = 0
-        _CACHE[key] = model
-    return _CACHE[key]
-
 
 # three samples: (length, visual span); left-padded into one batch
 SAMPLES = [(24, (3, 19)), (19, (2, 14)), (15, (4, 12))]

@@ -11,29 +11,11 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, StaticCache
+from decoders import FAMILIES, tiny  # noqa: E402,F401
+from transformers import DynamicCache, StaticCache
 
 from tokenreduce.errors import InputError, PlanError, UnsupportedModelError
 from tokenreduce.llm import CacheState, DecodeReducer, LayerView, PrefillEngine, PrefillReducer, layout_mask
-
-FAMILIES = {"llama": (LlamaForCausalLM, LlamaConfig), "qwen2": (Qwen2ForCausalLM, Qwen2Config)}
-_CACHE: dict = {}
-
-
-def tiny(family: str = "llama", attn: str = "sdpa", dtype: torch.dtype = torch.float32):
-    """A seeded 4-layer decoder; the same weights for every attention implementation."""
-    key = (family, attn, dtype)
-    if key not in _CACHE:
-        model_cls, cfg_cls = FAMILIES[family]
-        cfg = cfg_cls(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=100, initializer_range=0.2, max_position_embeddings=256)
-        cfg._attn_implementation = attn
-        torch.manual_seed(0)
-        model = model_cls(cfg).eval().to(dtype)
-        model.generation_config.eos_token_id = None
-        model.generation_config.pad_token_id = 0
-        _CACHE[key] = model
-    return _CACHE[key]
 
 
 def embeds(length: int, seed: int) -> torch.Tensor:

@@ -44,50 +44,40 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def load_model(spec: str, attn: str = "sdpa"):
-    """(model, processor) from a local checkpoint folder or a built-in preset name (random weights)."""
+def _load(spec: str, attn: str, presets, build, companion: str, what: str):
+    """(model, companion) from a built-in preset (`build(spec, attn=...)`) or a local checkpoint folder,
+    where `companion` names the transformers auto class to load beside the model."""
     import os
 
-    from .adapters.llava.zoo import PRESETS, build_llava_with_processor
-
-    if spec in PRESETS:
-        return build_llava_with_processor(spec, attn=attn)
+    if spec in presets:
+        return build(spec, attn=attn)
     if not os.path.isdir(spec):
         raise CLIError(
-            f"--model {spec!r}: not a local checkpoint folder nor a built-in preset "
-            f"({', '.join(PRESETS)}); no download is attempted"
+            f"--model {spec!r}: not a local checkpoint folder nor a built-in {what} "
+            f"({', '.join(presets)}); no download is attempted"
         )
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    import transformers
 
     try:
-        model = AutoModelForImageTextToText.from_pretrained(spec, attn_implementation=attn).eval()
-        processor = AutoProcessor.from_pretrained(spec)
+        model = transformers.AutoModelForImageTextToText.from_pretrained(spec, attn_implementation=attn).eval()
+        other = getattr(transformers, companion).from_pretrained(spec)
     except (OSError, ValueError, KeyError) as e:
-        raise CLIError(f"--model {spec!r}: cannot load a vision-language model and processor from it ({e})") from None
-    return model, processor
+        raise CLIError(f"--model {spec!r}: cannot load a model and {companion} from it ({e})") from None
+    return model, other
+
+
+def load_model(spec: str, attn: str = "sdpa"):
+    """(model, processor) from a local checkpoint folder or a built-in preset name (random weights)."""
+    from .adapters.llava.zoo import NEXT_PRESETS, PRESETS, build_llava_with_processor
+
+    return _load(spec, attn, [*PRESETS, *NEXT_PRESETS], build_llava_with_processor, "AutoProcessor", "preset")
 
 
 def load_video_model(spec: str, attn: str = "sdpa"):
     """(model, tokenizer) of a video LLM from a local checkpoint folder or a built-in video preset."""
-    import os
-
     from .adapters.videollm.zoo import PRESETS, build_video_llm
 
-    if spec in PRESETS:
-        return build_video_llm(spec, attn=attn)
-    if not os.path.isdir(spec):
-        raise CLIError(
-            f"--model {spec!r}: not a local checkpoint folder nor a built-in video preset "
-            f"({', '.join(PRESETS)}); no download is attempted"
-        )
-    from transformers import AutoModelForImageTextToText, AutoTokenizer
-
-    try:
-        model = AutoModelForImageTextToText.from_pretrained(spec, attn_implementation=attn).eval()
-        tokenizer = AutoTokenizer.from_pretrained(spec)
-    except (OSError, ValueError, KeyError) as e:
-        raise CLIError(f"--model {spec!r}: cannot load a video model and tokenizer from it ({e})") from None
-    return model, tokenizer
+    return _load(spec, attn, list(PRESETS), build_video_llm, "AutoTokenizer", "video preset")
 
 
 def _run_video(args: argparse.Namespace, plan) -> int:
@@ -160,6 +150,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .eval.evaluate import main as evaluate_main
+
+    return evaluate_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tokenreduce",
@@ -199,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(s)
     s.set_defaults(fn=_cmd_bench)
+
+    s = sub.add_parser("evaluate", help="accuracy vs visual tokens of every reducer on the default models' test split")
+    from .eval.evaluate import add_arguments as add_evaluate_arguments
+
+    add_evaluate_arguments(s)
+    s.set_defaults(fn=_cmd_evaluate)
     return p
 
 

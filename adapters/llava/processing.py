@@ -77,3 +77,18 @@ def build_next_processor(image_size: int, patch_size: int, pinpoints: list[list[
         image_processor=ip, tokenizer=byte_tokenizer(), patch_size=patch_size,
         vision_feature_select_strategy="default", num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE,
     )
+
+
+def preset_kwargs(vision: dict, text: dict, llm_layers: int | None, vision_layers: int | None
+                  ) -> tuple[dict, dict, PreTrainedTokenizerFast]:
+    """Copies of a preset's vision and text config kwargs with the layer overrides and the byte
+    tokenizer's vocabulary and special ids filled in; and that tokenizer."""
+    vkw, tkw = dict(vision), dict(text)
+    if llm_layers is not None:
+        tkw["num_hidden_layers"] = llm_layers
+    if vision_layers is not None:
+        vkw["num_hidden_layers"] = vision_layers
+    tok = byte_tokenizer()
+    tkw.update(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+               eos_token_id=tok.eos_token_id)
+    return vkw, tkw, tok

@@ -15,7 +15,7 @@ from transformers import (
     LlavaNextForConditionalGeneration,
 )
 
-from .processing import anyres_pinpoints, build_next_processor, build_processor, byte_tokenizer
+from .processing import anyres_pinpoints, build_next_processor, build_processor, preset_kwargs
 
 #: name -> (vision config kwargs, text config kwargs)
 PRESETS: dict[str, tuple[dict, dict]] = {
@@ -54,14 +54,7 @@ def llava_config(preset: str = "tiny", llm_layers: int | None = None, vision_lay
         return nxt
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join([*PRESETS, *NEXT_PRESETS])}")
-    vkw, tkw = (dict(d) for d in PRESETS[preset])
-    if llm_layers is not None:
-        tkw["num_hidden_layers"] = llm_layers
-    if vision_layers is not None:
-        vkw["num_hidden_layers"] = vision_layers
-    tok = byte_tokenizer()
-    tkw.update(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-               eos_token_id=tok.eos_token_id)
+    vkw, tkw, tok = preset_kwargs(*PRESETS[preset], llm_layers, vision_layers)
     cfg = LlavaConfig(
         vision_config=CLIPVisionConfig(**vkw),
         text_config=LlamaConfig(**tkw),

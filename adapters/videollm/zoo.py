@@ -19,7 +19,7 @@ from transformers import (
     VideoLlavaForConditionalGeneration,
 )
 
-from ..llava.processing import byte_tokenizer
+from ..llava.processing import preset_kwargs
 
 TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                    image_size=112, patch_size=14)
@@ -54,14 +54,7 @@ def build_video_llm(preset: str = "tiny-onevision", seed: int = 0, attn: str = "
     if preset not in PRESETS:
         raise ValueError(f"unknown video preset {preset!r}; choose from {', '.join(PRESETS)}")
     model_cls, cfg_cls, vcls, vkw, tcls, tkw = PRESETS[preset]
-    vkw, tkw = dict(vkw), dict(tkw)
-    if llm_layers is not None:
-        tkw["num_hidden_layers"] = llm_layers
-    if vision_layers is not None:
-        vkw["num_hidden_layers"] = vision_layers
-    tok = byte_tokenizer()
-    tkw.update(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-               eos_token_id=tok.eos_token_id)
+    vkw, tkw, tok = preset_kwargs(vkw, tkw, llm_layers, vision_layers)
     ids = dict(image_token_id=tok.convert_tokens_to_ids("<image>"), video_token_id=tok.convert_tokens_to_ids("<video>"))
     extra = {}
     if cfg_cls is LlavaOnevisionConfig:
