@@ -237,3 +237,23 @@ def test_clip_scorer_finds_the_needle(onevision):
     assert int(scores.argmax()) == 5
     _, _, call = run(model, tok, x, tr.Plan([QuoTA(tokens=40, scorer=scorer, resize="pool")]))
     assert int(torch.bincount(call.visual[0].item, minlength=8).argmax()) == 5
+
+
+def test_query_decoupling_parses_safely():
+    from tokenreduce.prune.quota import parse_decoupled
+
+    assert parse_decoupled("Step 1: Yes. Step 2: ['red ball', 'table', 'joy'] Step 3: ['red ball', 'table']") == [
+        "red ball", "table"]
+    assert parse_decoupled("step 1: no. step 2: null step 3: null") is None
+    assert parse_decoupled("Step 1: yes Step 3: []") is None
+    assert parse_decoupled("Step 1: yes Step 3: [__import__('os').system('x')]") is None  # never eval
+    assert parse_decoupled("gibberish") is None
+
+
+def test_quota_with_decoupling_runs_and_reports_its_time(onevision):
+    """The model's own (random) answer names no objects here, so scoring falls back to the question."""
+    model, tok, spec = onevision
+    x = video_inputs(tok, spec, PROMPTS[:1], [haystack()])
+    _, _, call = run(model, tok, x, "quota(tokens=40, resize=pool, decouple=true)")
+    assert call.tokens() == [40]
+    assert call.times["decouple:quota"] > 0 and call.times["score:quota"] > 0

@@ -42,6 +42,15 @@ from ..tokens import VisualTokens
 
 FRAME_PROMPT = ("USER: <video>\nDoes this frame contain information that helps to answer the question: {query} "
                 "Answer yes or no. ASSISTANT:")
+OBJECT_PROMPT = ("USER: <video>\nDoes this frame contain any of the following objects: {objects}? "
+                 "Answer yes or no. ASSISTANT:")
+#: QuoTA's chain-of-thought query decoupling, text only: is detection needed, which objects, which are physical
+DECOUPLE_PROMPT = (
+    "USER: Question: {query}\nTo answer the question, follow three steps. Step 1: is it necessary to detect "
+    "specific physical objects in the video? Answer yes or no. Step 2: if yes, list the objects to detect as a "
+    "Python list. Step 3: keep only physical objects, not abstract concepts, and output the list, or null. "
+    "Answer in the form 'Step 1: ... Step 2: ... Step 3: ...'. ASSISTANT:"
+)
 
 
 def frame_weights(scores: Tensor, power: float = 2.0) -> Tensor:
@@ -119,6 +128,9 @@ class QuoTA(BudgetedReducer):
             "random", ...) that reduces each frame to exactly its share.
         prompt: the question put to the "vlm" scorer about each frame; "{query}" is the prompt's text.
         batch: frames scored per forward pass of the "vlm" scorer.
+        decouple: first let the model (text only) turn the question into a list of objects (QuoTA's CoT
+            query decoupling) and ask each frame about those objects; falls back to `prompt` when the
+            answer names none. Its time is reported as "decouple:quota" (part of "score:quota").
     """
 
     name = "quota"
@@ -131,6 +143,7 @@ class QuoTA(BudgetedReducer):
     resize: str = "bilinear"
     prompt: str = FRAME_PROMPT
     batch: int = 16
+    decouple: bool = False
 
     def validate(self) -> None:
         super().validate()
@@ -193,7 +206,52 @@ class QuoTA(BudgetedReducer):
                 "quota(scorer='vlm') asks the model itself about every frame and needs its tokenizer: "
                 "tr.apply(model, plan, tokenizer=tokenizer), or pass scorer='uniform' or a scorer object"
             )
-        return vlm_yes_probability(ctx.adapter, tok, ctx.pixels, self.prompt.format(query=ctx.text or ""), self.batch)
+        prompt = self.prompt.format(query=ctx.text or "")
+        if self.decouple:
+            t0 = time.perf_counter()
+            objects = decouple_query(ctx.adapter, tok, ctx.text or "")
+            ctx.times["decouple:quota"] = ctx.times.get("decouple:quota", 0.0) + time.perf_counter() - t0
+            if objects:
+                prompt = OBJECT_PROMPT.format(objects=", ".join(objects))
+        return vlm_yes_probability(ctx.adapter, tok, ctx.pixels, prompt, self.batch)
+
+
+def parse_decoupled(text: str) -> list[str] | None:
+    """The object list of a decoupling answer ("Step 1: yes ... Step 3: ['ball', 'dog']"), or None.
+
+    None when step 1 says no, when there is no parsable list, or when it is empty (QuoTA then scores
+    frames against the question itself). Lists are read with `ast.literal_eval`, never `eval`.
+    """
+    import ast
+    import re
+
+    low = text.lower()
+    m = re.search(r"step\s*1\s*:\s*(yes|no)", low)
+    if m is None or m.group(1) == "no":
+        return None
+    m = re.search(r"step\s*3\s*:\s*(\[[^\]]*\])", low)
+    if m is None:
+        return None
+    try:
+        items = ast.literal_eval(m.group(1))
+    except (ValueError, SyntaxError):
+        return None
+    out = [str(x).strip() for x in items if isinstance(x, str) and str(x).strip()] if isinstance(items, list) else []
+    return out or None
+
+
+@torch.no_grad()
+def decouple_query(adapter, tokenizer, question: str, max_new_tokens: int = 64) -> list[str] | None:
+    """QuoTA step B: the unreduced model, text only, turns the question into objects to look for (or None)."""
+    enc = tokenizer([DECOUPLE_PROMPT.format(query=question)], return_tensors="pt")
+    device = next(adapter.model.parameters()).device
+    adapter._in_generate, call, adapter._call = True, adapter._call, None
+    try:
+        out = adapter.model.generate(**{k: v.to(device) for k, v in enc.items()}, max_new_tokens=max_new_tokens,
+                                     do_sample=False)
+    finally:
+        adapter._in_generate, adapter._call = False, call
+    return parse_decoupled(tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
 
 
 def _first_id(tokenizer, word: str) -> int:
@@ -264,5 +322,5 @@ class ClipScorer:
 #: scorers are callables; this alias documents the signature
 FrameScorer = Callable[[Tensor, str, Context], Tensor]
 
-__all__ = ["ClipScorer", "FrameScorer", "QuoTA", "bilinear_resize", "frame_budgets", "frame_weights", "grid_shape",
-           "vlm_yes_probability"]
+__all__ = ["ClipScorer", "FrameScorer", "QuoTA", "bilinear_resize", "decouple_query", "frame_budgets", "frame_weights",
+           "grid_shape", "parse_decoupled", "vlm_yes_probability"]
