@@ -257,3 +257,34 @@ def test_quota_with_decoupling_runs_and_reports_its_time(onevision):
     _, _, call = run(model, tok, x, "quota(tokens=40, resize=pool, decouple=true)")
     assert call.tokens() == [40]
     assert call.times["decouple:quota"] > 0 and call.times["score:quota"] > 0
+
+
+def test_siglip_scorer_uses_its_learned_scale_and_bias(onevision):
+    from tokenreduce.adapters.llava.processing import byte_tokenizer
+    from transformers import SiglipConfig, SiglipModel
+
+    tok = byte_tokenizer()
+    cfg = SiglipConfig(
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         vocab_size=len(tok), max_position_embeddings=32),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+    )
+    torch.manual_seed(0)
+    siglip = SiglipModel(cfg).eval()
+    model, vtok, spec = onevision
+    x = video_inputs(vtok, spec, PROMPTS[:1], [haystack()])
+    scorer = ClipScorer(siglip, tok, spec.mean, spec.std, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    scores = scorer(x["pixel_values_videos"][0], "a red ball")
+    assert scores.shape == (8,) and bool(((scores > 0) & (scores < 1)).all())
+    # sigmoid(scale * cos + bias) with SigLIP's own parameters: recompute one frame by hand
+    std, mean = torch.tensor(spec.std)[:, None, None], torch.tensor(spec.mean)[:, None, None]
+    px = x["pixel_values_videos"][0][:1].float() * std + mean
+    px = torch.nn.functional.interpolate(px, size=(32, 32), mode="bicubic", align_corners=False).clamp(0, 1)
+    with torch.no_grad():
+        f = siglip.get_image_features(pixel_values=(px - 0.5) / 0.5)
+        f = torch.nn.functional.normalize(getattr(f, "pooler_output", f), dim=-1)
+        t = siglip.get_text_features(**tok(["a red ball"], return_tensors="pt"))
+        t = torch.nn.functional.normalize(getattr(t, "pooler_output", t), dim=-1)
+        ref = torch.sigmoid(siglip.logit_scale.exp() * (f @ t.T) + siglip.logit_bias)
+    torch.testing.assert_close(scores[0], ref.flatten()[0], atol=1e-5, rtol=0)
