@@ -8,9 +8,9 @@
 
 from .attach import Handle, apply, attach
 from .errors import BudgetError, InputError, PlanError, TokenReduceError, UnsupportedModelError
-from .plan import BudgetedReducer, Context, Plan, Reducer, Stage, split_budget
+from .plan import BudgetedReducer, Context, Plan, Probe, Reducer, Stage, allocate, split_budget
 from .registry import get_reducer, reducers, register_adapter, register_reducer
-from .tokens import VisualTokens
+from .tokens import ItemInfo, VisualTokens
 
 __version__ = "0.1.0"
 
@@ -20,13 +20,16 @@ __all__ = [
     "Context",
     "Handle",
     "InputError",
+    "ItemInfo",
     "Plan",
     "PlanError",
+    "Probe",
     "Reducer",
     "Stage",
     "TokenReduceError",
     "UnsupportedModelError",
     "VisualTokens",
+    "allocate",
     "apply",
     "attach",
     "get_reducer",
