@@ -3,9 +3,15 @@
 An adapter knows one model family (where its vision features come from, which ids are placeholders)
 and nothing of any reducer. `PlaceholderAdapter` serves every Hugging Face VLM whose processor expands
 an image into one placeholder id per visual token and whose `forward` accepts `mm_encoder_outputs`
-(LLaVA-1.5, LLaVA-NeXT, Video-LLaVA, LLaVA-OneVision, ...): it encodes the images, hands the projected
-tokens to the plan's VISUAL reducers, and feeds the model a genuinely shorter sequence (placeholders,
-attention mask and positions rebuilt), for `forward` and `generate`.
+(LLaVA-1.5, LLaVA-NeXT, Video-LLaVA, LLaVA-OneVision, ...). For every call with visual inputs it:
+
+1. describes each image/video as an `ImageLayout` (items, grids, which placeholder each token fills, extra
+   tokens such as newlines) -> one `VisualTokens` per sample;
+2. runs the vision tower layer by layer (`tokenreduce.encoder.run_tower`) with the ENCODER reducers and
+   every reducer's probes, then projects (`finish_tokens`: adapters that pool frames do it here);
+3. hands the projected tokens to the VISUAL reducers;
+4. feeds the model a genuinely shorter sequence (placeholders, attention mask and positions rebuilt), for
+   `forward` and `generate`, and arms the in-LLM engine (`tokenreduce.llm`) for PREFILL/DECODE reducers.
 """
 
 from __future__ import annotations
