@@ -101,20 +101,23 @@ def _pick(rng: np.random.Generator, items: Sequence):
     return items[int(rng.integers(len(items)))]
 
 
-def ask_colour_at(objects: Sequence[Obj], config: ImageConfig, rng: np.random.Generator, letter: int) -> Question:
+def _ask_attribute_at(objects: Sequence[Obj], config: ImageConfig, rng: np.random.Generator, letter: int,
+                      attr: str, vocabulary: Sequence[str]) -> Question:
+    """"What <attr> is the object at <position>?"; distractors: the scene's other values first, then absent ones."""
     target = _pick(rng, objects)
-    in_scene = [c for c in dict.fromkeys(o.colour for o in objects) if c != target.colour]
-    absent = [c for c in COLOURS if c not in in_scene and c != target.colour]
-    text = f"What colour is the object {position_phrase(target.row, target.col, config.grid)}?"
-    return arrange("colour_at", text, target.colour, shuffled(in_scene, rng) + shuffled(absent, rng), letter, rng)
+    answer = getattr(target, attr)
+    in_scene = [v for v in dict.fromkeys(getattr(o, attr) for o in objects) if v != answer]
+    absent = [v for v in vocabulary if v not in in_scene and v != answer]
+    text = f"What {attr} is the object {position_phrase(target.row, target.col, config.grid)}?"
+    return arrange(f"{attr}_at", text, answer, shuffled(in_scene, rng) + shuffled(absent, rng), letter, rng)
+
+
+def ask_colour_at(objects: Sequence[Obj], config: ImageConfig, rng: np.random.Generator, letter: int) -> Question:
+    return _ask_attribute_at(objects, config, rng, letter, "colour", COLOURS)
 
 
 def ask_shape_at(objects: Sequence[Obj], config: ImageConfig, rng: np.random.Generator, letter: int) -> Question:
-    target = _pick(rng, objects)
-    in_scene = [s for s in dict.fromkeys(o.shape for o in objects) if s != target.shape]
-    absent = [s for s in SHAPES if s not in in_scene and s != target.shape]
-    text = f"What shape is the object {position_phrase(target.row, target.col, config.grid)}?"
-    return arrange("shape_at", text, target.shape, shuffled(in_scene, rng) + shuffled(absent, rng), letter, rng)
+    return _ask_attribute_at(objects, config, rng, letter, "shape", SHAPES)
 
 
 def ask_relation(objects: Sequence[Obj], config: ImageConfig, rng: np.random.Generator,
