@@ -53,6 +53,8 @@ class ImageLayout:
         extra_owner: (T,) long, the extra token each grid token keeps alive (-1: none). An extra token
             enters the LLM iff one of its grid tokens survives; it is not counted in budgets.
         extra_features: (E, D) features of the extra tokens, or None.
+        tower_items: tower inputs of the image when they are not the items (LLaVA-OneVision interpolates
+            a large anyres mosaic into one grid); None = one tower input per item.
     """
 
     items: list[ItemInfo]
@@ -62,6 +64,12 @@ class ImageLayout:
     extra_slots: Tensor | None = None
     extra_owner: Tensor | None = None
     extra_features: Tensor | None = None
+    tower_items: int | None = None
+
+    @property
+    def num_tower_items(self) -> int:
+        """Vision-tower inputs of the image (differs from len(grids) when the model resamples the tiles)."""
+        return len(self.grids) if self.tower_items is None else self.tower_items
 
     @classmethod
     def single(cls, grid: tuple[int, int], info: ItemInfo | None = None) -> ImageLayout:
@@ -462,8 +470,8 @@ class PlaceholderAdapter(Adapter):
             text = mask[b].bool().clone()
             text[torch.cat(sample_runs)] = False
             tok = self._handle.tokenizer if self._handle is not None else None
-            items = sum(len(vis.layouts[i].grids) for i in range(start, img))
-            first = sum(len(lay.grids) for lay in vis.layouts[:start])
+            items = sum(vis.layouts[i].num_tower_items for i in range(start, img))
+            first = sum(lay.num_tower_items for lay in vis.layouts[:start])
             contexts.append(Context(
                 sample=b, batch_size=len(runs), query_ids=input_ids[b, text], model=self.model,
                 pixels=vis.pixel_values[first:first + items], adapter=self,

@@ -68,12 +68,14 @@ def frame_layout(num_frames: int, grid: tuple[int, int], cls: bool = False, newl
 
 
 def tower_grid_tokens(batch: list[VisualTokens], grid: tuple[int, int]) -> list[VisualTokens]:
-    """The same items on the tower's finer `grid` (before the model pools), without placeholders."""
+    """The same items on the tower's finer `grid` (before the model pools)."""
     out = []
     for v in batch:
         n = v.num_items * grid[0] * grid[1]
+        # positions are not placeholders here (0 marks them as real tokens, not anyres padding); the
+        # adapter maps these tower tokens onto the LLM's placeholders after pooling
         out.append(VisualTokens.from_items([torch.zeros(grid[0] * grid[1], 0)] * v.num_items, [grid] * v.num_items,
-                                           torch.full((n,), -1, dtype=torch.long), list(v.items)))
+                                           torch.zeros(n, dtype=torch.long), list(v.items)))
     return out
 
 

@@ -58,7 +58,9 @@ def build_video_llm(preset: str = "tiny-onevision", seed: int = 0, attn: str = "
     ids = dict(image_token_id=tok.convert_tokens_to_ids("<image>"), video_token_id=tok.convert_tokens_to_ids("<video>"))
     extra = {}
     if cfg_cls is LlavaOnevisionConfig:
-        extra = dict(vision_feature_layer=-1, vision_feature_select_strategy="full")
+        s = vkw["image_size"]
+        extra = dict(vision_feature_layer=-1, vision_feature_select_strategy="full",
+                     image_grid_pinpoints=[[s * i, s * j] for i in range(1, 7) for j in range(1, 7)])
     elif cfg_cls is LlavaNextVideoConfig:
         extra = dict(spatial_pool_stride=2, spatial_pool_mode="average")
     cfg = cfg_cls(vision_config=vcls(**vkw), text_config=tcls(**tkw), **ids, **extra)
