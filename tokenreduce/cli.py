@@ -195,6 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(s)
     s.set_defaults(fn=_cmd_bench)
+
+    s = sub.add_parser("evaluate", help="accuracy vs visual tokens of every reducer on the default models' test split")
+    from .eval.evaluate import add_arguments as add_evaluate_arguments
+
+    add_evaluate_arguments(s)
+    s.set_defaults(fn=_cmd_evaluate)
     return p
 
 

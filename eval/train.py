@@ -1,0 +1,566 @@
+"""Train the default image or video model from scratch on generated data (CPU, minutes).
+
+    python -m tokenreduce.eval.train --model image --seed 0 --minutes 50 --out runs/image
+
+Data is drawn on the fly from the synthetic generator's **train** split (never validation or test); every sample
+is one question in one of the official prompt protocols (`protocols`: MLVU official and lmms-eval for images; plus
+Video-MME for videos), and the loss is on the answer completion only ("B)" / " B" + end of sequence).
+
+Auxiliary targets (training only; the heads are discarded, the shipped model is stock):
+
+- `TokenProbe` (`--probe-weight`): a linear probe on every visual token the LLM receives predicts what is drawn
+  under it (colour, shape or nothing) and its grid cell, so perception is explicit at each token.
+- `--open-frac`: a share of samples asks the question without options, answered in words.
+- `StepHeads` (`--step-weight`): at the question's "?" a head predicts the answer in words; at the end of each
+  option a head predicts whether that option is correct.
+- `attention_loss` (`--attn-weight`, `--attn-layer`): the "?" token attends to the visual tokens of the objects
+  the question is about; `route_loss` (`--route-weight`): each option's last token attends to its letter and to
+  the "?", and the answer position attends to the correct option (attention supervision; eager attention).
+
+Measured here: with the answer loss alone (plus the probe) a tiny LLaVA stays at chance for 1000+ steps; binding
+the question to the right tokens and the answer to the right letter is the hard part. A curriculum starts the
+image model on the one-hop tasks (colour_at, shape_at) before adding relation and count_colour.
+
+Checkpoints: `OUT/state.pt` (model, optimiser, schedule, step, data position, best score), written atomically
+every `--save-every` steps and after each validation, so a killed run resumes where it stopped; `OUT/best/` is
+the best model on the validation split so far (`save_pretrained` + tokenizer), also replaced atomically.
+Progress: one line every `--log-every` steps; validation accuracy per task every `--val-every` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import models as M
+from . import protocols as P
+from . import synthetic as syn
+from .synthetic.scene import COLOURS, SHAPES, Geometry, position_phrase, shape_mask
+
+COLOUR_NAMES = list(COLOURS)
+N_COLOUR, N_SHAPE = len(COLOURS) + 1, len(SHAPES) + 1  # + "nothing"
+EASY_IMAGE_TASKS = ("colour_at", "shape_at")
+
+
+# --- per-token labels ------------------------------------------------------------------------------------------
+
+
+def id_map(placements: list[tuple[float, float, str, str]], geometry: Geometry) -> tuple[np.ndarray, list]:
+    """Which object covers each pixel: (H, W) int (0 = background, k = placements[k-1]), painted in order like
+    the renderer. `placements` are (row, col, colour, shape) with fractional cells allowed."""
+    out = np.zeros((geometry.size, geometry.size), dtype=np.int16)
+    px = geometry.object_px
+    for k, (row, col, _, shape) in enumerate(placements, start=1):
+        y, x = geometry.top_left(row, col)
+        mask = shape_mask(shape, px)
+        y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + px, geometry.size), min(x + px, geometry.size)
+        if y0 < y1 and x0 < x1:
+            out[y0:y1, x0:x1][mask[y0 - y:y1 - y, x0 - x:x1 - x]] = k
+    return out, placements
+
+
+def token_labels(ids: np.ndarray, placements: list, geometry: Geometry, side: int, min_pixels: int) -> np.ndarray:
+    """(side*side, 4) int64 per token of a `side` x `side` grid: colour (0 = none), shape (0 = none), cell row,
+    cell col (of the token's centre). A token shows the object covering most of its pixels, if >= `min_pixels`."""
+    p = geometry.size // side
+    blocks = ids[: side * p, : side * p].reshape(side, p, side, p).transpose(0, 2, 1, 3).reshape(side * side, -1)
+    out = np.zeros((side * side, 4), dtype=np.int64)
+    for t, b in enumerate(blocks):
+        counts = np.bincount(b, minlength=len(placements) + 1)
+        counts[0] = 0
+        k = int(counts.argmax())
+        if counts[k] >= min_pixels:
+            _, _, colour, shape = placements[k - 1]
+            out[t, 0] = COLOUR_NAMES.index(colour) + 1
+            out[t, 1] = SHAPES.index(shape) + 1
+        r, c = divmod(t, side)
+        centre = lambda i: min(max(int((i * p + p / 2 - geometry.origin) // geometry.cell), 0), geometry.grid - 1)
+        out[t, 2], out[t, 3] = centre(r), centre(c)
+    return out
+
+
+def image_token_labels(sample: syn.ImageSample, side: int) -> np.ndarray:
+    geometry = Geometry(sample.image.shape[0], syn.ImageConfig().grid)
+    placements = [(o.row, o.col, o.colour, o.shape) for o in sample.objects]
+    ids, _ = id_map(placements, geometry)
+    return token_labels(ids, placements, geometry, side, min_pixels=(geometry.size // side) ** 2 // 8)
+
+
+def video_token_labels(sample: syn.VideoSample, frames: np.ndarray, side: int) -> np.ndarray:
+    """(T, side*side, 4) labels of the sampled `frames` (indices) of a video."""
+    out = []
+    for t in frames:
+        placements = []
+        for sp in sample.sprites:
+            for a in sp.appearances:
+                if a.start <= t < a.stop:
+                    f = (t - a.start) / max(a.stop - a.start - 1, 1) if a.moving else 0.0
+                    placements.append((a.row + f * (a.row_end - a.row), a.col + f * (a.col_end - a.col), sp.colour,
+                                       sp.shape))
+        ids, _ = id_map(placements, sample.geometry)
+        out.append(token_labels(ids, placements, sample.geometry, side, min_pixels=(sample.geometry.size // side) ** 2
+                                // 8))
+    return np.stack(out)
+
+
+# --- batches ----------------------------------------------------------------------------------------------------
+
+
+class Batches:
+    """Deterministic training batches: item `i` of the train split, protocol drawn from a seeded stream."""
+
+    def __init__(self, kind: str, seed: int, batch: int, tasks: tuple[str, ...], open_frac: float = 0.0) -> None:
+        self.kind, self.seed, self.batch, self.tasks, self.open_frac = kind, seed, batch, tasks, open_frac
+        self.protocols = M_PROTOCOLS[kind]
+
+    def make(self, step: int, tasks: tuple[str, ...], tokenizer, model) -> dict[str, torch.Tensor]:
+        start = step * self.batch
+        rng = np.random.default_rng([self.seed, step])
+        if self.kind == "image":
+            samples = syn.generate_images(self.batch, seed=self.seed, split="train", start=start, tasks=tasks)
+            visuals = np.stack([s.image for s in samples])
+            labels = np.stack([image_token_labels(s, 8) for s in samples])
+        else:
+            samples = syn.generate_videos(self.batch, seed=self.seed, split="train", start=start, tasks=tasks)
+            idx = [np.linspace(0, s.n_frames - 1, M.NUM_FRAMES, dtype=np.int64) for s in samples]
+            visuals = np.stack([s.frames[i] for s, i in zip(samples, idx)])
+            labels = np.stack([video_token_labels(s, i, 4) for s, i in zip(samples, idx)])
+        prompts, targets = [], []
+        for s in samples:
+            protocol = self.protocols[int(rng.integers(len(self.protocols)))]
+            q = s.question
+            if rng.random() < self.open_frac:  # auxiliary: the answer in words, no options
+                prompts.append(P.open_prompt(q.question, self.kind))
+                targets.append(" " + q.answer_text)
+                continue
+            prompts.append(P.build_prompt(protocol, q.question, q.options, self.kind))
+            targets.append(P.target(protocol, q.letter))
+        inputs = M.encode(tokenizer, model, prompts, visuals, targets)
+        inputs["token_labels"] = torch.from_numpy(labels)
+        inputs.update(step_targets(tokenizer, inputs["input_ids"], samples))
+        flat = labels.reshape(len(samples), -1, 4)
+        inputs["relevant"] = torch.from_numpy(np.stack([relevant_tokens(s, f) for s, f in zip(samples, flat)]))
+        return inputs
+
+
+M_PROTOCOLS = {"image": P.IMAGE_PROTOCOLS, "video": P.VIDEO_PROTOCOLS}
+_NAME = re.compile(rf"\b({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})\b")
+
+
+def relevant_objects(sample) -> list[tuple[str | None, str | None]]:
+    """(colour, shape) of the objects a question is about (None: any), for the attention target."""
+    q = sample.question
+    out = [(c, s) for c, s in _NAME.findall(q.question)]
+    if q.task in ("colour_at", "shape_at"):
+        out += [(o.colour, o.shape) for o in sample.objects if position_phrase(o.row, o.col, 3) in q.question]
+    elif q.task == "count_colour":
+        out.append((q.question.split()[2], None))
+    elif q.task == "needle":
+        out.append((q.answer_text, q.question.split()[1]))
+    m = _NAME.fullmatch(q.answer_text)
+    if m:
+        out.append((m.group(1), m.group(2)))
+    return out
+
+
+def relevant_tokens(sample, labels: np.ndarray) -> np.ndarray:
+    """(N,) bool over the visual tokens ((N, 4) labels): the tokens showing an object the question is about."""
+    out = np.zeros(len(labels), dtype=bool)
+    for colour, shape in relevant_objects(sample):
+        hit = labels[:, 0] > 0
+        if colour is not None:
+            hit &= labels[:, 0] == COLOUR_NAMES.index(colour) + 1
+        if shape is not None:
+            hit &= labels[:, 1] == SHAPES.index(shape) + 1
+        out |= hit
+    return out
+
+
+def attention_loss(attentions: torch.Tensor, input_ids: torch.Tensor, visual_id: int, q_pos: torch.Tensor,
+                   relevant: torch.Tensor) -> torch.Tensor:
+    """-log of the attention mass (mean over heads) the question's "?" puts on the relevant visual tokens.
+
+    attentions (B, H, L, L) of one decoder layer; relevant (B, N) over the grid tokens in sequence order (a
+    trailing extra placeholder, LLaVA-OneVision's newline, is never relevant)."""
+    b = input_ids.shape[0]
+    ok = (q_pos >= 0) & relevant.any(dim=1)
+    if not ok.any():
+        return attentions.new_zeros(())
+    pos = (input_ids == visual_id).nonzero()[:, 1].view(b, -1)[:, : relevant.shape[1]]  # (B, N)
+    rows = torch.arange(b)
+    a = attentions[rows, :, q_pos.clamp(min=0)]  # (B, H, L)
+    mass = (a.gather(2, pos[:, None].expand(-1, a.shape[1], -1)) * relevant[:, None]).sum(-1).mean(1)  # (B,)
+    return -torch.log(mass[ok] + 1e-6).mean()
+
+
+def step_targets(tokenizer, input_ids: torch.Tensor, samples) -> dict[str, torch.Tensor]:
+    """Targets of the intermediate steps of a multiple-choice answer (training-only heads, see `StepHeads`).
+
+    Returns q_pos (B,) the position of the question's "?" (-1 if none), q_target (B,) the first token of the
+    answer in words, opt_pos (B, 4) the last token of each option text in the prompt (-1: no options, an
+    open-answer sample) and opt_target (B, 4) 1.0 for the correct option.
+    """
+    ids = tokenizer.convert_tokens_to_ids
+    qmark, newline, paren, close, dot = ids("?"), ids("\n"), ids("("), ids(")"), ids(".")
+    letters = {ids(c): i for i, c in enumerate("ABCD")}
+    b = input_ids.shape[0]
+    q_pos = torch.full((b,), -1, dtype=torch.long)
+    opt_pos = torch.full((b, 4), -1, dtype=torch.long)
+    letter_pos = torch.full((b, 4), -1, dtype=torch.long)
+    opt_target = torch.zeros(b, 4)
+    q_target = torch.tensor([tokenizer(" " + s.question.answer_text, add_special_tokens=False)["input_ids"][0]
+                             for s in samples])
+    for r in range(b):
+        row = input_ids[r].tolist()
+        if qmark in row:
+            q_pos[r] = row.index(qmark)
+        for i in range(1, len(row) - 2):
+            k = letters.get(row[i])
+            if k is None:
+                continue
+            mlvu = row[i - 1] == paren and row[i + 1] == close
+            videomme = row[i - 1] == newline and row[i + 1] == dot
+            if mlvu or videomme:
+                j = i + 2
+                while j < len(row) and row[j] != newline:
+                    j += 1
+                opt_pos[r, k] = j - 1
+                letter_pos[r, k] = i
+        opt_target[r, samples[r].question.answer] = 1.0
+    return {"q_pos": q_pos, "q_target": q_target, "opt_pos": opt_pos, "opt_target": opt_target,
+            "letter_pos": letter_pos}
+
+
+def route_loss(attentions: tuple[torch.Tensor, ...], t: dict[str, torch.Tensor], answer_pos: torch.Tensor,
+               layers: tuple[int, int, int]) -> torch.Tensor:
+    """Attention targets for the rest of a multiple-choice answer (training only): each option's last token
+    attends to its letter (layer `layers[0]`) and to the question's "?" (`layers[1]`); the answer position
+    attends to the correct option's last token (`layers[2]`). -log of the attention mass, mean over heads."""
+    has = (t["opt_pos"] >= 0).all(dim=1) & (t["q_pos"] >= 0)
+    if not has.any():
+        return attentions[0].new_zeros(())
+    rows = torch.arange(len(has))[has]
+    op, lp = t["opt_pos"][has], t["letter_pos"][has]
+    r4 = rows[:, None].expand_as(op)
+
+    def mass(layer: int, r, q, k) -> torch.Tensor:
+        return -torch.log(attentions[layer][r, :, q, k].mean(-1) + 1e-6).mean()
+
+    correct = t["opt_target"][has].argmax(dim=1)
+    q = t["q_pos"][has][:, None].expand_as(op)
+    return (mass(layers[0], r4, op, lp) + mass(layers[1], r4, op, q)
+            + mass(layers[2], rows, answer_pos[has], op[torch.arange(len(rows)), correct]))
+
+
+class StepHeads(nn.Module):
+    """Training-only linear heads on the decoder's hidden states that supervise the steps of a multiple-choice
+    answer: at the question's "?" (after `q_layer` layers) the answer in words; at the end of each option
+    (after `opt_layer` layers) whether that option is the correct one. The letter is then a lookup."""
+
+    def __init__(self, dim: int, vocab: int, q_layer: int = 3, opt_layer: int = 4) -> None:
+        super().__init__()
+        self.q_head, self.opt_head = nn.Linear(dim, vocab), nn.Linear(dim, 1)
+        self.q_layer, self.opt_layer = q_layer, opt_layer
+
+    def loss(self, hidden: tuple[torch.Tensor, ...], t: dict[str, torch.Tensor]) -> torch.Tensor:
+        rows = torch.arange(t["q_pos"].shape[0])
+        ok = t["q_pos"] >= 0
+        out = hidden[0].new_zeros(())
+        if ok.any():
+            h = hidden[self.q_layer][rows[ok], t["q_pos"][ok]]
+            out = out + F.cross_entropy(self.q_head(h), t["q_target"][ok])
+        has = t["opt_pos"] >= 0
+        if has.any():
+            r = rows[:, None].expand_as(t["opt_pos"])[has]
+            h = hidden[self.opt_layer][r, t["opt_pos"][has]]
+            out = out + F.binary_cross_entropy_with_logits(self.opt_head(h).squeeze(-1), t["opt_target"][has])
+        return out
+
+
+# --- the probe --------------------------------------------------------------------------------------------------
+
+
+class TokenProbe(nn.Module):
+    """Linear heads on the visual tokens the LLM receives: colour, shape, cell row, cell col (training only)."""
+
+    def __init__(self, dim: int, grid: int = 3) -> None:
+        super().__init__()
+        self.head = nn.Linear(dim, N_COLOUR + N_SHAPE + 2 * grid)
+        self.grid = grid
+
+    def loss(self, feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """feats (N, D) and labels (N, 4) -> the summed cross-entropy of the four heads."""
+        z = self.head(feats)
+        sizes = [N_COLOUR, N_SHAPE, self.grid, self.grid]
+        return sum(F.cross_entropy(part, labels[:, i]) for i, part in enumerate(z.split(sizes, dim=-1)))
+
+
+class VisualCapture:
+    """Keeps the visual tokens the LLM receives (after the projector; pooled for LLaVA-OneVision)."""
+
+    def __init__(self, model) -> None:
+        self.model, self.out = model, None
+        self.handle = model.model.multi_modal_projector.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output) -> None:
+        if self.model.config.model_type == "llava_onevision":
+            output = self.model.model.apply_pooling(output)
+        self.out = output
+
+
+# --- validation --------------------------------------------------------------------------------------------------
+
+
+def validation_set(kind: str, n: int, seed: int = 0):
+    if kind == "image":
+        return syn.generate_images(n, seed=seed, split="validation")
+    return syn.generate_videos(n, seed=seed, split="validation")
+
+
+@torch.no_grad()
+def validate(model, tokenizer, kind: str, samples, batch: int = 32) -> dict[str, float]:
+    """Accuracy of the first answer token (the letter) under every protocol, per task and overall (greedy =
+    argmax over the whole vocabulary)."""
+    model.eval()
+    hits: dict[str, list[int]] = defaultdict(list)
+    letter_ids = {}
+    for protocol in M_PROTOCOLS[kind]:
+        for b in range(0, len(samples), batch):
+            chunk = samples[b:b + batch]
+            if kind == "image":
+                visuals = np.stack([s.image for s in chunk])
+            else:
+                visuals = np.stack([s.frames[np.linspace(0, s.n_frames - 1, M.NUM_FRAMES, dtype=np.int64)]
+                                    for s in chunk])
+            prompts = [P.build_prompt(protocol, s.question.question, s.question.options, kind) for s in chunk]
+            targets = [P.target(protocol, s.question.letter) for s in chunk]
+            inputs = M.encode(tokenizer, model, prompts, visuals, targets)
+            labels = inputs.pop("labels")
+            logits = model(**inputs).logits
+            first = (labels != -100).float().argmax(dim=1)  # first target position
+            rows = torch.arange(len(chunk))
+            pred = logits[rows, first - 1].argmax(-1)
+            for s, p_, y in zip(chunk, pred.tolist(), labels[rows, first].tolist()):
+                letter_ids[y] = True
+                hits[s.task].append(int(p_ == y))
+                hits[f"@{protocol}"].append(int(p_ == y))
+    model.train()
+    out = {k: float(np.mean(v)) for k, v in sorted(hits.items())}
+    out["all"] = float(np.mean([np.mean(v) for k, v in hits.items() if not k.startswith("@")]))
+    return out
+
+
+# --- checkpoints -------------------------------------------------------------------------------------------------
+
+
+def save_atomic(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def save_pretrained_atomic(model, tokenizer, path: Path, card: dict) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "training.json").write_text(json.dumps(card, indent=1) + "\n")
+    old = path.with_name(path.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --- main ------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tokenreduce.eval.train", description=__doc__.split("\n")[0])
+    p.add_argument("--model", choices=M.KINDS, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--minutes", type=float, default=50.0, help="training time budget (sets the schedule length)")
+    p.add_argument("--steps", type=int, default=None, help="fixed number of steps instead of --minutes")
+    p.add_argument("--out", required=True)
+    p.add_argument("--batch", type=int, default=None, help="default 32 (image), 16 (video)")
+    p.add_argument("--lr", type=float, default=1.5e-3)
+    p.add_argument("--warmup", type=int, default=150)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--probe-weight", type=float, default=0.5)
+    p.add_argument("--open-frac", type=float, default=0.25, help="share of auxiliary open-answer samples")
+    p.add_argument("--step-weight", type=float, default=0.5, help="weight of the answer-step heads (StepHeads)")
+    p.add_argument("--attn-weight", type=float, default=0.0,
+                   help="weight of the attention target: the question's '?' attends to the objects it is about")
+    p.add_argument("--attn-layer", type=int, default=2, help="decoder layer of the attention target")
+    p.add_argument("--route-weight", type=float, default=0.0,
+                   help="weight of the attention targets of the option -> letter steps (`route_loss`)")
+    p.add_argument("--total-steps", type=int, default=None, help="on resume: change the schedule's length")
+    p.add_argument("--easy-steps", type=int, default=None, help="image curriculum: steps on one-hop tasks only")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--log-every", type=int, default=25)
+    p.add_argument("--val-every", type=int, default=250)
+    p.add_argument("--val-size", type=int, default=None, help="validation items (default 256 image, 120 video)")
+    p.add_argument("--save-every", type=int, default=100)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    kind = args.model
+    batch = args.batch or (32 if kind == "image" else 16)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = M.build_tokenizer()
+    model = M.build_model(kind, tokenizer, seed=args.seed)
+    model.train()
+    probe = TokenProbe(model.config.text_config.hidden_size)
+    n_layers = model.config.text_config.num_hidden_layers
+    steps_heads = StepHeads(model.config.text_config.hidden_size, len(tokenizer), q_layer=n_layers // 2,
+                            opt_layer=n_layers - 2)
+    params = list(model.parameters()) + list(probe.parameters()) + list(steps_heads.parameters())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    capture = VisualCapture(model)
+    visual_id = tokenizer.convert_tokens_to_ids("<image>" if kind == "image" else "<video>")
+    if args.attn_weight > 0 or args.route_weight > 0:  # attention probabilities needed; export reloads with sdpa
+        model.set_attn_implementation("eager")
+    data = Batches(kind, args.seed, batch, syn.IMAGE_TASKS if kind == "image" else syn.VIDEO_TASKS, args.open_frac)
+    val = validation_set(kind, args.val_size or (256 if kind == "image" else 120))
+    n_params = sum(p.numel() for p in model.parameters())
+    state_path = out / "state.pt"
+    rewarm = -10**9
+    step, total, best, elapsed, history = 0, args.steps, -1.0, 0.0, []
+    if state_path.exists():
+        st = torch.load(state_path, weights_only=False)
+        model.load_state_dict(st["model"])
+        probe.load_state_dict(st["probe"])
+        if "steps_heads" in st:
+            steps_heads.load_state_dict(st["steps_heads"])
+            opt.load_state_dict(st["opt"])
+        else:  # a state from before the step heads existed: fresh optimiser moments
+            print("optimiser state not restored (new heads)", flush=True)
+        step, total, best, elapsed, history = st["step"], st["total"], st["best"], st["elapsed"], st["history"]
+        if args.total_steps:
+            total = args.total_steps
+        if "steps_heads" not in st:
+            rewarm = step
+        print(f"resumed at step {step}/{total} (best validation {best:.3f})", flush=True)
+    print(f"{kind} model: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}, batch {batch}, "
+          f"threads {args.threads}", flush=True)
+    easy = args.easy_steps if args.easy_steps is not None else (300 if kind == "image" else 0)
+
+    def lr_at(s: int, total_steps: int) -> float:
+        if s < args.warmup:
+            return args.lr * (s + 1) / args.warmup
+        frac = min((s - args.warmup) / max(total_steps - args.warmup, 1), 1.0)
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+    def checkpoint() -> None:
+        save_atomic({"model": model.state_dict(), "probe": probe.state_dict(), "steps_heads": steps_heads.state_dict(),
+                     "opt": opt.state_dict(), "step": step,
+                     "total": total, "best": best, "elapsed": elapsed, "history": history, "args": vars(args)},
+                    state_path)
+
+    def evaluate_now() -> None:
+        nonlocal best
+        t = time.perf_counter()
+        acc = validate(model, tokenizer, kind, val)
+        history.append({"step": step, "minutes": round(elapsed / 60, 2), **acc})
+        line = " ".join(f"{k}={v:.3f}" for k, v in acc.items())
+        print(f"[val] step {step} {line} ({time.perf_counter() - t:.0f}s)", flush=True)
+        if acc["all"] > best:
+            best = acc["all"]
+            card = {"command": "python -m tokenreduce.eval.train " + " ".join(sys.argv[1:] if argv is None else argv),
+                    "step": step, "minutes": round(elapsed / 60, 2), "validation": acc, "batch": batch,
+                    "parameters": n_params, "seed": args.seed}
+            save_pretrained_atomic(model, tokenizer, out / "best", card)
+            print(f"[val] new best {best:.3f} saved to {out / 'best'}", flush=True)
+        (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+
+    t_last = time.perf_counter()
+    window = defaultdict(list)
+    while total is None or step < total:
+        tasks = EASY_IMAGE_TASKS if (kind == "image" and step < easy) else data.tasks
+        inputs = data.make(step, tasks, tokenizer, model)
+        labels = inputs.pop("labels")
+        tok_labels = inputs.pop("token_labels")
+        targets = {k: inputs.pop(k) for k in ("q_pos", "q_target", "opt_pos", "opt_target", "letter_pos")}
+        relevant = inputs.pop("relevant")
+        for g in opt.param_groups:  # (after a resume with fresh optimiser moments: a short re-warmup)
+            g["lr"] = lr_at(step, total or 10**9) * min(1.0, (step - rewarm + 1) / 50)
+        outputs = model(**inputs, output_hidden_states=True, output_attentions=args.attn_weight + args.route_weight > 0)
+        logits = outputs.logits
+        tokens = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        first = (labels != -100).float().argmax(dim=1)  # the letter (or the first word of an open answer)
+        rows = torch.arange(labels.shape[0])
+        answer = F.cross_entropy(logits[rows, first - 1], labels[rows, first]) + 0.3 * tokens
+        feats = capture.out.flatten(0, -2)
+        probe_loss = probe.loss(feats, tok_labels.reshape(-1, 4))
+        step_loss = steps_heads.loss(outputs.hidden_states, targets)
+        loss = answer + args.probe_weight * probe_loss + args.step_weight * step_loss
+        attn_loss = torch.zeros(())
+        if args.attn_weight > 0:
+            attn_loss = attention_loss(outputs.attentions[args.attn_layer], inputs["input_ids"], visual_id,
+                                       targets["q_pos"], relevant)
+            loss = loss + args.attn_weight * attn_loss
+        if args.route_weight > 0:
+            n_layers = len(outputs.attentions)
+            route = route_loss(outputs.attentions, targets, first - 1, (1, args.attn_layer + 1, n_layers - 1))
+            attn_loss = attn_loss + route
+            loss = loss + args.route_weight * route
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        now = time.perf_counter()
+        elapsed += now - t_last
+        t_last = now
+        window["answer"].append(answer.item())
+        window["probe"].append(probe_loss.item())
+        window["steps"].append(step_loss.item())
+        window["attn"].append(attn_loss.item())
+        if total is None and step == 20:
+            total = max(int(args.minutes * 60 / (elapsed / step)), step + 1)
+            print(f"{elapsed / step:.2f} s/step -> {total} steps in {args.minutes:g} minutes", flush=True)
+        if step % args.log_every == 0:
+            print(f"step {step}/{total} loss answer {np.mean(window['answer']):.3f} probe "
+                  f"{np.mean(window['probe']):.3f} steps {np.mean(window['steps']):.3f} "
+                  f"attn {np.mean(window['attn']):.3f} "
+                  f"lr {opt.param_groups[0]['lr']:.2e} {elapsed / 60:.1f} min",
+                  flush=True)
+            window.clear()
+        overtime = args.steps is None and elapsed > 1.1 * 60 * args.minutes  # slower than measured: stop anyway
+        if overtime:
+            print(f"time budget spent at step {step}/{total}; stopping", flush=True)
+            total = step
+        if step % args.val_every == 0 or step == total:
+            evaluate_now()
+            t_last = time.perf_counter()  # validation time does not count against the training budget
+            checkpoint()
+        elif step % args.save_every == 0:
+            checkpoint()
+    capture.handle.remove()
+    print(f"done: {step} steps, {elapsed / 60:.1f} min, best validation {best:.3f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
