@@ -95,3 +95,12 @@ def test_training_script_checkpoints_and_resumes(tmp_path: Path, capsys):
     assert T.main([*common, "--steps", "2", "--total-steps", "4"]) == 0  # a longer schedule continues from step 3
     log = capsys.readouterr().out
     assert "step 3/4" in log and "step 1/4" not in log
+
+
+def test_evaluate_without_a_model_is_a_one_line_error(tmp_path: Path, capsys):
+    from tokenreduce.cli import main
+
+    code = main(["evaluate", "--datasets", "images", "--limit", "1", "--plans", "none",
+                 "--model-dir", str(tmp_path / "missing"), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "tokenreduce: error:" in err and "missing" in err

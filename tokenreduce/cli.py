@@ -151,9 +151,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import os
+
     from .eval.evaluate import main as evaluate_main
 
-    return evaluate_main(args)
+    if args.model_dir is not None and not os.path.isdir(args.model_dir):
+        raise CLIError(f"--model-dir {args.model_dir!r}: no such checkpoint folder")
+    try:
+        return evaluate_main(args)
+    except FileNotFoundError as e:
+        raise CLIError(
+            f"{e}; train one with `python -m tokenreduce.eval.train --model image --out runs/image` and pass "
+            "--model-dir runs/image/best"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
