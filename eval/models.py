@@ -155,7 +155,7 @@ def build_model(kind: str, tokenizer, seed: int = 0, vision: dict | None = None,
 
 def normalise(images: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> Tensor:
     """(..., H, W, 3) uint8 at the tower size -> (..., 3, H, W) float32, scaled to [0, 1] then normalised."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).float().div_(255.0)
+    x = torch.from_numpy(np.array(images, dtype=np.float32)).div_(255.0)
     x = x.movedim(-1, -3)
     shape = (3, 1, 1)
     return (x - torch.tensor(mean).view(shape)) / torch.tensor(std).view(shape)
