@@ -76,12 +76,12 @@ class EncoderReducer(Reducer):
     stage: ClassVar[Stage] = Stage.ENCODER
 
     def layers(self, tower: VisionTower) -> list[int]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must say after which vision layers it acts (layers)")
 
     def reduce_layer(
         self, layer: int, tower: VisionTower, batch: list[VisualTokens], contexts: list[Context]
     ) -> list[VisualTokens]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement reduce_layer")
 
 
 @dataclass
@@ -178,9 +178,9 @@ def run_tower(
                 cls = attention_probs(cap.q[i][:, :, :1], cap.k[i], cap.scaling(i), mask=key_valid)
                 cls = cls.sum(1)[:, 0, tower.prefix :]  # (G, L - prefix)
                 cap.q.pop(i), cap.k.pop(i)
-                for p in probe_at[i]:
-                    vals = cls[layout.rows, layout.cols].split(layout.sizes)
-                    batch = [_with_score(v, p.name, s) for v, s in zip(batch, vals)]
+                vals = cls[layout.rows, layout.cols].float().split(layout.sizes)
+                names = [p.name for p in probe_at[i]]
+                batch = [v.with_scores(**dict.fromkeys(names, s)) for v, s in zip(batch, vals)]
             if i in acts:
                 cur = layout.gather(hidden, tower.prefix)
                 batch = [v.with_features(f) for v, f in zip(batch, cur)]
@@ -212,13 +212,6 @@ def run_tower(
     run.prefix = torch.cat([prefix[f] for f in tower.feature_layers], -1)
     run.seconds = time.perf_counter() - t0 - sum(run.times.values())
     return run
-
-
-def _with_score(vt: VisualTokens, name: str, values: Tensor) -> VisualTokens:
-    scores = dict(vt.scores)
-    scores[name] = values.float()
-    return VisualTokens(vt.features, vt.item, vt.row, vt.col, vt.position, vt.size, vt.source, vt.grids,
-                        vt.items, scores)
 
 
 def _rebuild(hidden: Tensor, batch: list[VisualTokens], layout: _Layout, prefix: int) -> tuple[Tensor, Tensor | None]:

@@ -174,7 +174,7 @@ class PrefillReducer(Reducer):
 
     def acts_after(self, num_layers: int) -> list[int]:
         """Layers after which this reducer acts (a drop after layer l applies from layer l + 1)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must say after which decoder layers it acts (acts_after)")
 
     def wants_attention(self, layer: int, num_layers: int) -> bool:
         """Whether `select` at `layer` reads `view.attention` (q/k are captured only then)."""
@@ -182,7 +182,7 @@ class PrefillReducer(Reducer):
 
     def select(self, view: LayerView, contexts: Any) -> Tensor:
         """(B, L) bool keep over the current tokens."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement select")
 
 
 @dataclass

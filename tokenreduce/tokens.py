@@ -195,6 +195,11 @@ class VisualTokens:
             self.items, dict(self.scores),
         )
 
+    def with_scores(self, **scores: Tensor) -> VisualTokens:
+        """Same tokens with these named per-token scores (N,) added or replaced."""
+        return VisualTokens(self.features, self.item, self.row, self.col, self.position, self.size, self.source,
+                            self.grids, self.items, {**self.scores, **scores})
+
     def members(self, i: int) -> Tensor:
         """Indices (into the original tokens) of the original tokens that token `i` stands for."""
         return torch.nonzero(self.source == i).flatten()

@@ -102,8 +102,7 @@ def pooled_scores(tower: list[VisualTokens], llm: list[VisualTokens], grid: tupl
         for name, s in t.scores.items():
             x = s.reshape(t.num_items, 1, *grid).float()
             scores[name] = (torch.nn.functional.avg_pool2d(x, stride) * stride * stride).flatten()
-        out.append(VisualTokens(v.features, v.item, v.row, v.col, v.position, v.size, v.source, v.grids, v.items,
-                                scores))
+        out.append(v.with_scores(**scores))
     return out
 
 

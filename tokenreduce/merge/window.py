@@ -137,7 +137,4 @@ class MustDropVision(EncoderReducer):
             idx = torch.nonzero((tokens.item == i) & (tokens.position >= 0)).flatten()
             top = math.ceil(float(self.key_ratio) * idx.numel())
             key[idx[torch.argsort(attn[idx], descending=True, stable=True)[:top]]] = 1.0
-        scores = dict(tokens.scores)
-        scores["key"] = key
-        return VisualTokens(tokens.features, tokens.item, tokens.row, tokens.col, tokens.position, tokens.size,
-                            tokens.source, tokens.grids, tokens.items, scores)
+        return tokens.with_scores(key=key)
