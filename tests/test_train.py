@@ -1,0 +1,106 @@
+"""The training script's recipe machinery: the teacher's symbolic tokens, their substitution on the way to the
+LLM, the recipes' flags and the export into a model folder. Fresh (untrained) models, real forward passes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tokenreduce.eval import models as M
+from tokenreduce.eval import synthetic as syn
+from tokenreduce.eval import train as T
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+
+@pytest.fixture(scope="module")
+def image_model():
+    tok = M.build_tokenizer()
+    return M.build_model("image", tok, seed=0).eval(), tok
+
+
+def test_teacher_tokens_are_word_embeddings_of_what_is_drawn(image_model):
+    model, tok = image_model
+    teacher = T.Teacher(tok, model.config.text_config.hidden_size)
+    with torch.no_grad():
+        teacher.background.normal_()
+    emb = model.get_input_embeddings().weight
+    colours, shapes = list(syn.COLOURS), list(syn.SHAPES)
+    labels = torch.zeros(1, 3, 4, dtype=torch.long)
+    labels[0, 0, :2] = torch.tensor([colours.index("red") + 1, shapes.index("circle") + 1])
+    labels[0, 1, :2] = torch.tensor([colours.index("white") + 1, shapes.index("cross") + 1])
+    out = teacher(emb, labels)
+    ids = tok.convert_tokens_to_ids
+    assert torch.equal(out[0, 0], emb[ids(" red")] + emb[ids(" circle")])
+    assert torch.equal(out[0, 1], emb[ids(" white")] + emb[ids(" cross")])
+    assert torch.equal(out[0, 2], teacher.background)  # nothing drawn under token 2
+
+
+def test_teacher_share_decays_linearly_to_zero():
+    assert T.teacher_share(0, 0.5, 100) == 0.5
+    assert T.teacher_share(50, 0.5, 100) == pytest.approx(0.25)
+    assert T.teacher_share(100, 0.5, 100) == 0.0 and T.teacher_share(500, 0.5, 100) == 0.0
+    assert T.teacher_share(0, 0.5, 0) == 0.0  # no teacher steps: no teacher
+
+
+def test_substituted_rows_reach_the_llm_as_given(image_model):
+    """Row 0 fed image A's projected tokens while its pixels are image B gives exactly image A's logits; row 1
+    (not substituted) stays image B's."""
+    model, tok = image_model
+    a, b = (s.image for s in syn.generate_images(2, seed=0, split="train"))
+    prompts = ["USER: <image>\nWhat is there? ASSISTANT:"] * 2
+    capture = T.VisualCapture(model)
+    try:
+        with torch.no_grad():
+            ref = M.encode(tok, model, prompts, np.stack([a, b]))
+            ref_logits = model(**ref).logits
+            projected_a = capture.out[:1].clone()
+            swapped = M.encode(tok, model, prompts, np.stack([b, b]))
+            capture.substitute = (torch.tensor([True, False]), projected_a.expand(2, -1, -1))
+            logits = model(**swapped).logits
+            capture.substitute = None
+            plain_b = model(**swapped).logits
+    finally:
+        capture.handle.remove()
+    torch.testing.assert_close(logits[0], ref_logits[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits[1], plain_b[1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(plain_b[0], ref_logits[0], atol=1e-3)  # the swap changed something to restore
+
+
+def test_recipes_set_flags_and_explicit_flags_win(tmp_path: Path):
+    args = T.parse_args(["--recipe", "image", "--out", str(tmp_path)])
+    want = T.RECIPES["image"]
+    assert (args.model, args.steps, args.batch, args.lr, args.teacher_frac) == (
+        "image", want["steps"], want["batch"], want["lr"], want["teacher_frac"])
+    args = T.parse_args(["--recipe", "video", "--steps", "7", "--out", str(tmp_path)])
+    assert args.model == "video" and args.steps == 7 and args.attn_weight == T.RECIPES["video"]["attn_weight"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "x"], "--model is required"),
+    (["--model", "video", "--teacher-frac", "0.5", "--out", "x"], "image model only"),
+    (["--model", "image", "--teacher-frac", "1.5", "--out", "x"], "must be in [0, 1]"),
+])
+def test_bad_training_flags_are_clear_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        T.parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_teacher_run_trains_and_exports_a_stock_checkpoint(tmp_path: Path, capsys):
+    """Two steps of the image recipe's machinery (teacher on every sample, attention targets, bf16 autocast),
+    then --export into a folder: a stock checkpoint with its processor."""
+    dest = tmp_path / "exported"
+    argv = ["--model", "image", "--out", str(tmp_path / "run"), "--steps", "2", "--batch", "4", "--val-size", "4",
+            "--teacher-frac", "1", "--teacher-steps", "100", "--attn-weight", "1", "--route-weight", "0.3",
+            "--log-every", "1", "--threads", "1", "--export", str(dest)]
+    assert T.main(argv) == 0
+    log = capsys.readouterr().out
+    teacher_losses = [float(line.split(" teacher ")[1].split()[0]) for line in log.splitlines()
+                      if line.startswith("step ")]
+    assert len(teacher_losses) == 2 and all(np.isfinite(teacher_losses)) and teacher_losses[0] > 0
+    model = LlavaForConditionalGeneration.from_pretrained(dest)
+    assert next(model.parameters()).dtype == torch.float32
+    assert AutoProcessor.from_pretrained(dest).tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
+    assert (dest / "training.json").exists()
