@@ -447,6 +447,18 @@ RECIPES: dict[str, dict] = {
 }
 
 
+def learning_rate(step: int, lr: float, warmup: int, main_end: int, total: int, restart_lr: float) -> float:
+    """Linear warmup over `warmup` steps, then cosine to 5% of `lr` at `main_end`; past it, when `total` is
+    larger, a warm restart: the same shape again (25-step warmup, peak `restart_lr`) from `main_end` to `total`."""
+    peak, start, end = lr, 0, main_end
+    if step >= main_end and total > main_end:
+        peak, start, end, warmup = restart_lr, main_end, total, 25
+    if step - start < warmup:
+        return peak * (step - start + 1) / warmup
+    frac = min((step - start - warmup) / max(end - start - warmup, 1), 1.0)
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tokenreduce.eval.train", description=__doc__.split("\n")[0])
     p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
@@ -478,6 +490,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher-steps", type=int, default=0, help="steps over which that share decays to 0")
     p.add_argument("--teacher-weight", type=float, default=1.0,
                    help="weight of the projector's regression onto the teacher's tokens")
+    p.add_argument("--restart-steps", type=int, default=0,
+                   help="after --steps, this many more steps on a warm restart: a second cosine schedule peaking at "
+                   "--restart-lr after a 25-step warmup (part of the run: resumable, the same on every machine)")
+    p.add_argument("--restart-lr", type=float, default=None, help="peak learning rate of the restart (default --lr/2)")
     p.add_argument("--total-steps", type=int, default=None, help="on resume: change the schedule's length")
     p.add_argument("--easy-steps", type=int, default=None, help="image curriculum: steps on one-hop tasks only")
     p.add_argument("--threads", type=int, default=2)
@@ -528,13 +544,16 @@ def main(argv: list[str] | None = None) -> int:
     val = validation_set(kind, args.val_size or (256 if kind == "image" else 120))
     n_params = sum(p.numel() for p in model.parameters())
     state_path = out / "state.pt"
-    step, total, best, elapsed, history = 0, args.steps, -1.0, 0.0, []
+    step, best, elapsed, history = 0, -1.0, 0.0, []
+    total = None if args.steps is None else args.steps + args.restart_steps
     if state_path.exists():
         st = torch.load(state_path, weights_only=False, map_location=device)
         for name, m in (("model", model), ("probe", probe), ("steps_heads", steps_heads), ("teacher", teacher)):
             m.load_state_dict(st[name])
         opt.load_state_dict(st["opt"])
         step, total, best, elapsed, history = st["step"], st["total"], st["best"], st["elapsed"], st["history"]
+        if args.steps is not None:  # a fixed-step run is defined by its flags (a restart may have been added)
+            total = args.steps + args.restart_steps
         if args.total_steps:
             total = args.total_steps
         print(f"resumed at step {step}/{total} (best validation {best:.3f})", flush=True)
@@ -545,10 +564,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m tokenreduce.eval.train " + " ".join(sys.argv[1:] if argv is None else argv)
 
     def lr_at(s: int, total_steps: int) -> float:
-        if s < args.warmup:
-            return args.lr * (s + 1) / args.warmup
-        frac = min((s - args.warmup) / max(total_steps - args.warmup, 1), 1.0)
-        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        main_end = args.steps if args.steps is not None else total_steps
+        return learning_rate(s, args.lr, args.warmup, main_end, total_steps, args.restart_lr or args.lr / 2)
 
     def checkpoint() -> None:
         save_atomic({"model": model.state_dict(), "probe": probe.state_dict(), "steps_heads": steps_heads.state_dict(),

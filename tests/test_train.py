@@ -104,3 +104,16 @@ def test_teacher_run_trains_and_exports_a_stock_checkpoint(tmp_path: Path, capsy
     assert next(model.parameters()).dtype == torch.float32
     assert AutoProcessor.from_pretrained(dest).tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
     assert (dest / "training.json").exists()
+
+
+def test_schedule_warms_up_decays_and_restarts():
+    lr, warm, main, total = 2e-3, 100, 1300, 1600
+    sched = [T.learning_rate(s, lr, warm, main, total, 1e-3) for s in range(total)]
+    assert sched[0] == pytest.approx(lr / warm) and sched[warm - 1] == pytest.approx(lr)
+    assert all(a >= b for a, b in zip(sched[warm:main], sched[warm + 1:main]))  # cosine decay, never up
+    assert sched[main - 1] == pytest.approx(0.05 * lr, rel=1e-3)
+    assert sched[main] == pytest.approx(1e-3 / 25) and sched[main + 24] == pytest.approx(1e-3)  # the restart
+    assert sched[total - 1] == pytest.approx(0.05 * 1e-3, rel=1e-2)
+    # without a restart the main schedule is the whole run, and it is the same up to `main`
+    plain = [T.learning_rate(s, lr, warm, main, main, 1e-3) for s in range(main)]
+    assert plain == sched[:main]

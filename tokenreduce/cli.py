@@ -44,17 +44,22 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _load(spec: str, attn: str, presets, build, companion: str, what: str):
-    """(model, companion) from a built-in preset (`build(spec, attn=...)`) or a local checkpoint folder,
-    where `companion` names the transformers auto class to load beside the model."""
+def _load(spec: str, attn: str, presets, build, companion: str, what: str, kind: str):
+    """(model, companion) from "default" (the shipped trained `kind` model), a built-in preset
+    (`build(spec, attn=...)`, random weights) or a local checkpoint folder, where `companion` names the
+    transformers auto class to load beside the model."""
     import os
 
-    if spec in presets:
+    if spec == "default":
+        from .eval.models import model_dir
+
+        spec = str(model_dir(kind))
+    elif spec in presets:
         return build(spec, attn=attn)
     if not os.path.isdir(spec):
         raise CLIError(
             f"--model {spec!r}: not a local checkpoint folder nor a built-in {what} "
-            f"({', '.join(presets)}); no download is attempted"
+            f"(default, {', '.join(presets)}); no download is attempted"
         )
     import transformers
 
@@ -70,14 +75,14 @@ def load_model(spec: str, attn: str = "sdpa"):
     """(model, processor) from a local checkpoint folder or a built-in preset name (random weights)."""
     from .adapters.llava.zoo import NEXT_PRESETS, PRESETS, build_llava_with_processor
 
-    return _load(spec, attn, [*PRESETS, *NEXT_PRESETS], build_llava_with_processor, "AutoProcessor", "preset")
+    return _load(spec, attn, [*PRESETS, *NEXT_PRESETS], build_llava_with_processor, "AutoProcessor", "preset", "image")
 
 
 def load_video_model(spec: str, attn: str = "sdpa"):
     """(model, tokenizer) of a video LLM from a local checkpoint folder or a built-in video preset."""
     from .adapters.videollm.zoo import PRESETS, build_video_llm
 
-    return _load(spec, attn, list(PRESETS), build_video_llm, "AutoTokenizer", "video preset")
+    return _load(spec, attn, list(PRESETS), build_video_llm, "AutoTokenizer", "video preset", "video")
 
 
 def _run_video(args: argparse.Namespace, plan) -> int:
@@ -89,7 +94,7 @@ def _run_video(args: argparse.Namespace, plan) -> int:
 
     frames = load_video(args.video, num_frames=None if args.fps else args.frames, fps=args.fps,
                         max_frames=args.frames if args.fps else None)
-    model, tokenizer = load_video_model(args.model or "tiny-onevision", args.attn)
+    model, tokenizer = load_video_model(args.model, args.attn)
     adapter = adapter_for(model)(model)
     if not hasattr(adapter, "video_spec"):
         raise CLIError(f"--video: {type(model).__name__} is not a video model")
@@ -133,7 +138,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         image = Image.open(args.image).convert("RGB")
     except Exception as e:  # PIL raises several types for unreadable files
         raise CLIError(f"--image {args.image!r}: cannot read it as an image ({e})") from None
-    model, processor = load_model(args.model or "tiny", args.attn)
+    model, processor = load_model(args.model, args.attn)
     conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
     text = processor.apply_chat_template(conversation, add_generation_prompt=True)
     inputs = processor(text=text, images=image, return_tensors="pt")
@@ -161,8 +166,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         return evaluate_main(args)
     except FileNotFoundError as e:
         raise CLIError(
-            f"{e}; train one with `python -m tokenreduce.eval.train --model image --out runs/image` and pass "
-            "--model-dir runs/image/best"
+            f"{e}; train one with `python -m tokenreduce.eval.train --recipe image --out runs/image` and pass "
+            "--model-dir runs/image/best (or --export it into the package)"
         ) from None
 
 
@@ -193,8 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--frames", type=_positive_int, default=8, help="frames to sample from --video (default 8)")
     s.add_argument("--fps", type=float, default=None, help="sample --video at this rate instead (at most --frames)")
     s.add_argument("--prompt", required=True)
-    s.add_argument("--model", default=None,
-                   help="local checkpoint folder or a built-in preset (default: tiny; tiny-onevision with --video)")
+    s.add_argument("--model", default="default",
+                   help="default (the shipped trained image model, or video model with --video), a local checkpoint "
+                   "folder, or a built-in random-weight preset (tiny, tiny-onevision, ...)")
     s.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
     s.add_argument("--max-new-tokens", type=_positive_int, default=16)
     s.add_argument("--json", action="store_true")

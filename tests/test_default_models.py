@@ -1,0 +1,89 @@
+"""The shipped default models (issue 7): stock loading, the accuracy bar on a fixed sample of the test split
+(never trained on), and the chance check with the visual input blanked out.
+
+The sample is generated in memory from the test split (seed 0), the same items `tokenreduce evaluate` reads
+from its files, and answered exactly as the main job answers them (`evaluate.answer`: the official prompt,
+greedy decoding, the protocol's own answer extraction)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tokenreduce.eval import evaluate as E
+from tokenreduce.eval import models as M
+from tokenreduce.eval import synthetic as syn
+from transformers import (
+    AutoProcessor,
+    AutoTokenizer,
+    LlavaForConditionalGeneration,
+    LlavaOnevisionForConditionalGeneration,
+)
+
+#: issue 7's quality bar (chance is 0.25)
+BAR = {"images": 0.90, "videomme": 0.80, "mlvu": 0.80}
+#: blanked inputs must stay near chance: at most this (4 options; the video count task's answers are not uniform)
+NEAR_CHANCE = 0.42
+SAMPLE = 96
+
+
+def accuracy(model, tok, items, visuals, blank: bool = False) -> float:
+    hits = [E.answer(model, tok, it, E.blank_like(v) if blank else v)["correct"] for it, v in zip(items, visuals)]
+    return float(np.mean(hits))
+
+
+@pytest.fixture(scope="module")
+def image_model():
+    return M.default_model("image")
+
+
+@pytest.fixture(scope="module")
+def video_model():
+    return M.default_model("video")
+
+
+@pytest.fixture(scope="module")
+def image_sample():
+    return E.items_from_samples(syn.generate_images(SAMPLE, seed=0, split="test"), "images")
+
+
+@pytest.fixture(scope="module")
+def video_samples():
+    videos = syn.generate_videos(SAMPLE, seed=0, split="test")
+    return {ds: E.items_from_samples(videos, ds) for ds in ("videomme", "mlvu")}
+
+
+def test_shipped_checkpoints_load_with_stock_from_pretrained():
+    image = LlavaForConditionalGeneration.from_pretrained(M.model_dir("image"), local_files_only=True)
+    video = LlavaOnevisionForConditionalGeneration.from_pretrained(M.model_dir("video"), local_files_only=True)
+    for model, kind in ((image, "image"), (video, "video")):
+        tok = AutoTokenizer.from_pretrained(M.model_dir(kind), local_files_only=True)
+        assert len(tok) == model.config.text_config.vocab_size
+        text = "Question: What colour is the object at the top left?"
+        assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text  # exact word-level round trip
+    assert image.config.vision_config.model_type == "clip_vision_model"  # a CLS token: HiRED and MustDrop apply
+    proc = AutoProcessor.from_pretrained(M.model_dir("image"), local_files_only=True)
+    assert proc.tokenizer.convert_tokens_to_ids("<image>") == image.config.image_token_id
+    size = sum(p.stat().st_size for kind in M.KINDS for p in M.model_dir(kind).glob("*.safetensors"))
+    assert size <= 30 * 2**20  # issue 7: at most 30 MB of weights in all
+
+
+def test_image_model_reaches_the_bar(image_model, image_sample):
+    acc = accuracy(*image_model, *image_sample)
+    assert acc >= BAR["images"], f"image accuracy {acc:.3f} on {SAMPLE} test items, bar {BAR['images']}"
+
+
+@pytest.mark.parametrize("dataset", ["videomme", "mlvu"])
+def test_video_model_reaches_the_bar(video_model, video_samples, dataset):
+    acc = accuracy(*video_model, *video_samples[dataset])
+    assert acc >= BAR[dataset], f"{dataset} accuracy {acc:.3f} on {SAMPLE} test videos, bar {BAR[dataset]}"
+
+
+def test_blank_image_falls_to_chance(image_model, image_sample):
+    acc = accuracy(*image_model, *image_sample, blank=True)
+    assert acc <= NEAR_CHANCE, f"blanked-image accuracy {acc:.3f}: the answers do not need the image"
+
+
+@pytest.mark.parametrize("dataset", ["videomme", "mlvu"])
+def test_blank_video_falls_to_chance(video_model, video_samples, dataset):
+    acc = accuracy(*video_model, *video_samples[dataset], blank=True)
+    assert acc <= NEAR_CHANCE, f"blanked-video accuracy {acc:.3f} on {dataset}: the answers do not need the video"
