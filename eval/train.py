@@ -441,7 +441,8 @@ def save_pretrained_atomic(model, tokenizer, path: Path, card: dict) -> None:
 #: the shipped models' recipes: fixed flags, so one command reproduces them (explicit flags override)
 RECIPES: dict[str, dict] = {
     "image": dict(model="image", seed=0, steps=1300, batch=128, lr=2e-3, warmup=100, easy_steps=100,
-                  attn_weight=1.0, route_weight=0.3, teacher_frac=0.5, teacher_steps=700, teacher_weight=1.0),
+                  attn_weight=1.0, route_weight=0.3, teacher_frac=0.5, teacher_steps=700, teacher_weight=1.0,
+                  restart_steps=350, restart_lr=1e-3),
     "video": dict(model="video", seed=0, steps=2000, batch=32, lr=1.5e-3, warmup=150, attn_weight=1.0,
                   route_weight=0.3),
 }
