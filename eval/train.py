@@ -552,9 +552,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, m in (("model", model), ("probe", probe), ("steps_heads", steps_heads), ("teacher", teacher)):
             m.load_state_dict(st[name])
         opt.load_state_dict(st["opt"])
-        step, total, best, elapsed, history = st["step"], st["total"], st["best"], st["elapsed"], st["history"]
-        if args.steps is not None:  # a fixed-step run is defined by its flags (a restart may have been added)
-            total = args.steps + args.restart_steps
+        step, best, elapsed, history = st["step"], st["best"], st["elapsed"], st["history"]
+        if args.steps is None:  # a --minutes run keeps the length it measured; a fixed-step run is its flags
+            total = st["total"]
         if args.total_steps:
             total = args.total_steps
         print(f"resumed at step {step}/{total} (best validation {best:.3f})", flush=True)
@@ -606,8 +606,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.teacher_frac > 0:
                 symbolic = teacher(model.get_input_embeddings().weight, tok_labels)  # (B, N, D)
                 gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-                mask = (torch.rand(labels.shape[0], generator=gen) < share).to(device)
-                capture.substitute = (mask, symbolic) if bool(mask.any()) else None
+                mask = torch.rand(labels.shape[0], generator=gen) < share  # drawn on the host: no device sync
+                capture.substitute = (mask.to(device), symbolic) if mask.any() else None
             outputs = model(**inputs, output_hidden_states=True,
                             output_attentions=args.attn_weight + args.route_weight > 0)
             capture.substitute = None
@@ -623,7 +623,8 @@ def main(argv: list[str] | None = None) -> int:
         loss = answer + args.probe_weight * probe_loss + args.step_weight * step_loss
         teach_loss = torch.zeros((), device=device)
         if symbolic is not None:
-            teach_loss = F.mse_loss(feats, symbolic.detach().float()) / symbolic.detach().float().pow(2).mean()
+            target = symbolic.detach().float()
+            teach_loss = F.mse_loss(feats, target) / target.pow(2).mean()
             loss = loss + args.teacher_weight * teach_loss
         attn_loss = torch.zeros((), device=device)
         if args.attn_weight > 0:
@@ -645,12 +646,12 @@ def main(argv: list[str] | None = None) -> int:
         t_last = now
         for name, value in (("answer", answer), ("probe", probe_loss), ("steps", step_loss), ("attn", attn_loss),
                             ("teacher", teach_loss)):
-            window[name].append(value.item())
+            window[name].append(value.detach())  # read back once per log line, not once per step
         if total is None and step == 20:
             total = max(int(args.minutes * 60 / (elapsed / step)), step + 1)
             print(f"{elapsed / step:.2f} s/step -> {total} steps in {args.minutes:g} minutes", flush=True)
         if step % args.log_every == 0:
-            losses = " ".join(f"{k} {np.mean(v):.3f}" for k, v in window.items())
+            losses = " ".join(f"{k} {torch.stack(v).mean().item():.3f}" for k, v in window.items())
             print(f"step {step}/{total} loss {losses} teacher share {share:.2f} lr {opt.param_groups[0]['lr']:.2e} "
                   f"{elapsed / 60:.1f} min", flush=True)
             window.clear()
