@@ -52,6 +52,7 @@ import shutil
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -442,18 +443,22 @@ def save_pretrained_atomic(model, tokenizer, path: Path, card: dict) -> None:
 RECIPES: dict[str, dict] = {
     "image": dict(model="image", seed=0, steps=1300, batch=128, lr=2e-3, warmup=100, easy_steps=100,
                   attn_weight=1.0, route_weight=0.3, teacher_frac=0.5, teacher_steps=700, teacher_weight=1.0,
-                  restart_steps=350, restart_lr=1e-3),
+                  restart_steps=[350, 1800], restart_lr=[1e-3, 1e-3]),
     "video": dict(model="video", seed=0, steps=2000, batch=32, lr=1.5e-3, warmup=150, attn_weight=1.0,
                   route_weight=0.3),
 }
 
 
-def learning_rate(step: int, lr: float, warmup: int, main_end: int, total: int, restart_lr: float) -> float:
-    """Linear warmup over `warmup` steps, then cosine to 5% of `lr` at `main_end`; past it, when `total` is
-    larger, a warm restart: the same shape again (25-step warmup, peak `restart_lr`) from `main_end` to `total`."""
+def learning_rate(step: int, lr: float, warmup: int, main_end: int,
+                  restarts: Sequence[tuple[int, float]] = ()) -> float:
+    """Linear warmup over `warmup` steps, then cosine to 5% of `lr` at `main_end`. Each `(steps, peak)` of
+    `restarts` is a warm restart after the previous cycle: the same shape again (25-step warmup to `peak`,
+    cosine to 5% of it) over `steps` steps. Past the last cycle the rate stays at its floor."""
     peak, start, end = lr, 0, main_end
-    if step >= main_end and total > main_end:
-        peak, start, end, warmup = restart_lr, main_end, total, 25
+    for n, restart_peak in restarts:
+        if step < end:
+            break
+        peak, start, end, warmup = restart_peak, end, end + n, 25
     if step - start < warmup:
         return peak * (step - start + 1) / warmup
     frac = min((step - start - warmup) / max(end - start - warmup, 1), 1.0)
@@ -491,10 +496,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--teacher-steps", type=int, default=0, help="steps over which that share decays to 0")
     p.add_argument("--teacher-weight", type=float, default=1.0,
                    help="weight of the projector's regression onto the teacher's tokens")
-    p.add_argument("--restart-steps", type=int, default=0,
-                   help="after --steps, this many more steps on a warm restart: a second cosine schedule peaking at "
-                   "--restart-lr after a 25-step warmup (part of the run: resumable, the same on every machine)")
-    p.add_argument("--restart-lr", type=float, default=None, help="peak learning rate of the restart (default --lr/2)")
+    p.add_argument("--restart-steps", type=int, nargs="+", default=[],
+                   help="after --steps, warm restarts of this many steps each: cosine cycles peaking at --restart-lr "
+                   "after a 25-step warmup (part of the run: resumable, the same on every machine)")
+    p.add_argument("--restart-lr", type=float, nargs="+", default=None,
+                   help="peak learning rate of each restart (one per --restart-steps, or one for all; default --lr/2)")
     p.add_argument("--total-steps", type=int, default=None, help="on resume: change the schedule's length")
     p.add_argument("--easy-steps", type=int, default=None, help="image curriculum: steps on one-hop tasks only")
     p.add_argument("--threads", type=int, default=2)
@@ -512,6 +518,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--teacher-frac is for the image model only (its projector output is what the teacher replaces)")
     if not 0.0 <= args.teacher_frac <= 1.0:
         p.error(f"--teacher-frac must be in [0, 1], got {args.teacher_frac}")
+    if args.restart_steps and args.steps is None:
+        p.error("--restart-steps needs --steps (a --minutes run has no fixed end to restart after)")
+    if any(n < 26 for n in args.restart_steps):
+        p.error(f"each --restart-steps must be at least 26 (25 warmup steps and one more), got {args.restart_steps}")
+    peaks = args.restart_lr or [args.lr / 2]
+    if len(peaks) not in (1, len(args.restart_steps)):
+        p.error(f"--restart-lr takes one value or one per --restart-steps ({len(args.restart_steps)}), "
+                f"got {len(peaks)}")
+    args.restarts = [(n, peaks[i if len(peaks) > 1 else 0]) for i, n in enumerate(args.restart_steps)]
     return args
 
 
@@ -546,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     state_path = out / "state.pt"
     step, best, elapsed, history = 0, -1.0, 0.0, []
-    total = None if args.steps is None else args.steps + args.restart_steps
+    total = None if args.steps is None else args.steps + sum(args.restart_steps)
     if state_path.exists():
         st = torch.load(state_path, weights_only=False, map_location=device)
         for name, m in (("model", model), ("probe", probe), ("steps_heads", steps_heads), ("teacher", teacher)):
@@ -566,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def lr_at(s: int, total_steps: int) -> float:
         main_end = args.steps if args.steps is not None else total_steps
-        return learning_rate(s, args.lr, args.warmup, main_end, total_steps, args.restart_lr or args.lr / 2)
+        return learning_rate(s, args.lr, args.warmup, main_end, args.restarts)
 
     def checkpoint() -> None:
         save_atomic({"model": model.state_dict(), "probe": probe.state_dict(), "steps_heads": steps_heads.state_dict(),

@@ -81,6 +81,10 @@ def test_recipes_set_flags_and_explicit_flags_win(tmp_path: Path):
     (["--out", "x"], "--model is required"),
     (["--model", "video", "--teacher-frac", "0.5", "--out", "x"], "image model only"),
     (["--model", "image", "--teacher-frac", "1.5", "--out", "x"], "must be in [0, 1]"),
+    (["--model", "image", "--out", "x", "--steps", "100", "--restart-steps", "50", "60",
+      "--restart-lr", "1e-3", "5e-4", "2e-4"], "one value or one per --restart-steps"),
+    (["--model", "image", "--out", "x", "--restart-steps", "50"], "needs --steps"),
+    (["--model", "image", "--out", "x", "--steps", "100", "--restart-steps", "10"], "at least 26"),
 ])
 def test_bad_training_flags_are_clear_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
@@ -107,13 +111,29 @@ def test_teacher_run_trains_and_exports_a_stock_checkpoint(tmp_path: Path, capsy
 
 
 def test_schedule_warms_up_decays_and_restarts():
-    lr, warm, main, total = 2e-3, 100, 1300, 1600
-    sched = [T.learning_rate(s, lr, warm, main, total, 1e-3) for s in range(total)]
+    lr, warm, main, restarts = 2e-3, 100, 1300, [(300, 1e-3), (400, 5e-4)]
+    total = main + 300 + 400
+    sched = [T.learning_rate(s, lr, warm, main, restarts) for s in range(total)]
     assert sched[0] == pytest.approx(lr / warm) and sched[warm - 1] == pytest.approx(lr)
     assert all(a >= b for a, b in zip(sched[warm:main], sched[warm + 1:main]))  # cosine decay, never up
     assert sched[main - 1] == pytest.approx(0.05 * lr, rel=1e-3)
-    assert sched[main] == pytest.approx(1e-3 / 25) and sched[main + 24] == pytest.approx(1e-3)  # the restart
-    assert sched[total - 1] == pytest.approx(0.05 * 1e-3, rel=1e-2)
-    # without a restart the main schedule is the whole run, and it is the same up to `main`
-    plain = [T.learning_rate(s, lr, warm, main, main, 1e-3) for s in range(main)]
-    assert plain == sched[:main]
+    assert sched[main] == pytest.approx(1e-3 / 25) and sched[main + 24] == pytest.approx(1e-3)  # first restart
+    assert sched[main + 299] == pytest.approx(0.05 * 1e-3, rel=1e-2)
+    second = main + 300
+    assert sched[second] == pytest.approx(5e-4 / 25) and sched[second + 24] == pytest.approx(5e-4)
+    assert all(a >= b for a, b in zip(sched[second + 24:total], sched[second + 25:total]))
+    assert sched[total - 1] == pytest.approx(0.05 * 5e-4, rel=1e-2)
+    assert T.learning_rate(total + 50, lr, warm, main, restarts) == pytest.approx(0.05 * 5e-4)  # stays at the floor
+    # a restart only changes what comes after it: fewer cycles give the same schedule up to their end
+    one = [T.learning_rate(s, lr, warm, main, restarts[:1]) for s in range(second)]
+    plain = [T.learning_rate(s, lr, warm, main) for s in range(main)]
+    assert one == sched[:second] and plain == sched[:main]
+
+
+def test_restart_flags_pair_steps_with_peaks():
+    args = T.parse_args(["--model", "image", "--out", "x", "--steps", "100", "--restart-steps", "50", "60",
+                         "--restart-lr", "1e-3", "5e-4"])
+    assert args.restarts == [(50, 1e-3), (60, 5e-4)]
+    shared = T.parse_args(["--model", "image", "--out", "x", "--steps", "100", "--lr", "2e-3",
+                           "--restart-steps", "50", "60"])
+    assert shared.restarts == [(50, 1e-3), (60, 1e-3)]  # default peak: half of --lr, for every cycle
