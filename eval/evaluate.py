@@ -39,8 +39,17 @@ DATASETS = ("images", "videomme", "mlvu")
 DEFAULT_KEEP = (0.5, 0.25, 0.111)
 IMAGE_REDUCERS = ("random", "pool", "aim-merge", "hired", "aim-merge+aim-prune")
 VIDEO_REDUCERS = ("random", "pool", "aim-merge", "quota", "aim-merge+aim-prune")
-#: plans without a token budget of their own, run once each
-FREE_PLANS = ("mustdrop(layers=[1, 2, 3])",)  # MustDrop's 2/6/10/14 of 32 layers, scaled to a 6-layer decoder
+#: plans whose budget is adaptive (MustDrop's thresholds), run once each. Layers 1/2/3 are MustDrop's 2/6/10/14
+#: of 32 scaled to the 6-layer decoders; the thresholds scale its (0.001, 0.001) on 576 tokens by the token
+#: count, from "drop little" to "drop much". SigLIP (video) has no CLS token for the vision stage, so video runs
+#: the LLM stages only (prefill drop + KV cut), where kept tokens keep their original positions.
+FREE_PLANS: dict[str, tuple[str, ...]] = {
+    "image": ("mustdrop(layers=[1, 2, 3])",
+              "mustdrop(layers=[1, 2, 3], global_thr=0.02, individual_thr=0.06)",
+              "mustdrop(layers=[1, 2, 3], global_thr=0.04, individual_thr=0.2)"),
+    "video": tuple(f"mustdrop-prefill(layers=[1, 2, 3], global_thr={g}, individual_thr={i})+mustdrop-decode"
+                   for g, i in ((0.006, 0.01), (0.01, 0.03), (0.02, 0.1))),
+}
 DEFAULT_BENCH = "bench-results/data"  # under bench-results/, which git ignores
 
 
@@ -380,7 +389,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike, width: int = 9
 
 
 def plan_list(reducers: Sequence[str], n_visual: int, keep: Sequence[float] = DEFAULT_KEEP,
-              free: Sequence[str] = FREE_PLANS) -> list[str]:
+              free: Sequence[str] = FREE_PLANS["image"]) -> list[str]:
     """"none", then every reducer at every budget (``tokens=round(k * n_visual)``; a "+"-joined entry gets the
     budget on its first reducer), then the plans with budgets of their own."""
     plans = ["none"]
@@ -455,7 +464,8 @@ def main(args: argparse.Namespace) -> int:
             plans = ["none", *dict.fromkeys(p.strip() for p in args.plans.split(";") if p.strip() and p != "none")]
         else:
             n_visual = M.visual_token_count(model) - (1 if kind == "video" else 0)  # the newline is not a budget
-            plans = plan_list(IMAGE_REDUCERS if kind == "image" else VIDEO_REDUCERS, n_visual, keep)
+            plans = plan_list(IMAGE_REDUCERS if kind == "image" else VIDEO_REDUCERS, n_visual, keep,
+                              FREE_PLANS[kind])
         items = load_items(root, ds, args.limit)
         records += evaluate(model, tok, items, plans, out / "samples.jsonl", blank=args.blank)
     rows = summarize(records)

@@ -91,3 +91,24 @@ def test_blank_image_falls_to_chance(image_model, image_sample):
 def test_blank_video_falls_to_chance(video_model, video_samples, dataset):
     acc = accuracy(*video_model, *video_samples[dataset], blank=True)
     assert acc <= NEAR_CHANCE, f"blanked-video accuracy {acc:.3f} on {dataset}: the answers do not need the video"
+
+
+@pytest.mark.parametrize("kind", M.KINDS)
+def test_every_plan_of_the_main_job_serves_its_default_model(kind, image_model, video_model, image_sample,
+                                                              video_samples):
+    """The main job's plan list for each model runs without an error row: every budgeted plan keeps exactly its
+    budget, and every adaptive (MustDrop) plan drops something in the LLM, so no row of the table is empty."""
+    model, tok = image_model if kind == "image" else video_model
+    items, visuals = image_sample if kind == "image" else video_samples["videomme"]
+    reducers = E.IMAGE_REDUCERS if kind == "image" else E.VIDEO_REDUCERS
+    n_visual = M.visual_token_count(model) - (1 if kind == "video" else 0)
+    plans = E.plan_list(reducers, n_visual, E.DEFAULT_KEEP, E.FREE_PLANS[kind])
+    assert len(plans) == 1 + len(reducers) * len(E.DEFAULT_KEEP) + len(E.FREE_PLANS[kind])
+    full = E.answer(model, tok, items[0], visuals[0])
+    for plan in plans[1:]:
+        rec = E.answer(model, tok, items[0], visuals[0], plan)
+        if "tokens=" in plan:
+            budget = int(plan.split("tokens=")[1].split(")")[0])
+            assert rec["tokens"] == budget, plan
+        else:
+            assert rec["layer_avg"] < full["layer_avg"], f"{plan} dropped nothing in the LLM"
