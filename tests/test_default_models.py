@@ -19,12 +19,9 @@ from transformers import (
     LlavaOnevisionForConditionalGeneration,
 )
 
-#: issue 7's quality bar (chance is 0.25)
+#: issue 7's quality bar (chance is 0.25), which each shipped model must reach on this sample (measured:
+#: images 0.927, Video-MME layout 0.844, MLVU layout 0.885)
 BAR = {"images": 0.90, "videomme": 0.80, "mlvu": 0.80}
-#: what each shipped model must keep on this sample. The video model reaches the bar (0.844 / 0.885 measured);
-#: the image model does not yet (0.781 measured on this sample, 0.790 on 200 test images; its model card says
-#: why), so its floor guards the shipped weights against regressions until a model at the bar replaces them.
-FLOOR = {"images": 0.75, "videomme": BAR["videomme"], "mlvu": BAR["mlvu"]}
 #: blanked inputs must stay near chance: at most this (4 options; the video count task's answers are not uniform)
 NEAR_CHANCE = 0.42
 SAMPLE = 96
@@ -71,15 +68,15 @@ def test_shipped_checkpoints_load_with_stock_from_pretrained():
     assert size <= 30 * 2**20  # issue 7: at most 30 MB of weights in all
 
 
-def test_image_model_keeps_its_floor(image_model, image_sample):
+def test_image_model_reaches_the_bar(image_model, image_sample):
     acc = accuracy(*image_model, *image_sample)
-    assert acc >= FLOOR["images"], f"image accuracy {acc:.3f} on {SAMPLE} test items, floor {FLOOR['images']}"
+    assert acc >= BAR["images"], f"image accuracy {acc:.3f} on {SAMPLE} test items, bar {BAR['images']}"
 
 
 @pytest.mark.parametrize("dataset", ["videomme", "mlvu"])
 def test_video_model_reaches_the_bar(video_model, video_samples, dataset):
     acc = accuracy(*video_model, *video_samples[dataset])
-    assert acc >= FLOOR[dataset], f"{dataset} accuracy {acc:.3f} on {SAMPLE} test videos, bar {BAR[dataset]}"
+    assert acc >= BAR[dataset], f"{dataset} accuracy {acc:.3f} on {SAMPLE} test videos, bar {BAR[dataset]}"
 
 
 def test_blank_image_falls_to_chance(image_model, image_sample):
