@@ -189,3 +189,45 @@ def test_video_errors_are_one_line(clip_file, tmp_path, capsys):
     assert_fails(["run", "--video", str(clip_file), "--image", str(SHAPES), "--prompt", "x"], capsys, "exactly one")
     assert_fails(["run", "--prompt", "x"], capsys, "exactly one")
     assert_fails(["run", "--video", str(clip_file), "--model", "tiny", "--prompt", "x"], capsys, "video preset")
+
+
+@pytest.fixture(scope="module")
+def bench_files(tmp_path_factory):
+    """A few test-split items written in the official layouts (PNG images, mp4 videos), as the main job reads."""
+    from tokenreduce.eval import evaluate as E
+
+    root = E.ensure_benchmark(tmp_path_factory.mktemp("bench"), "test", 4, 2)
+    return {ds: E.load_items(root, ds, n) for ds, n in (("images", 4), ("mlvu", 2), ("videomme", 2))}
+
+
+@pytest.mark.parametrize("dataset, plan", [("images", "none"), ("images", "hired(keep=0.5)"), ("mlvu", "none"),
+                                           ("videomme", "pool(keep=0.5)")])
+def test_run_with_options_answers_as_the_main_job_does(bench_files, dataset, plan, capsys):
+    """`run --options` on the default model builds the benchmark's prompt and extraction: for every item the
+    chosen letter equals the one the main job's `evaluate.answer` gets for the same file, plan and protocol."""
+    from tokenreduce.eval import evaluate as E
+    from tokenreduce.eval import models as M
+
+    kind = "image" if dataset == "images" else "video"
+    model, tok = M.default_model(kind)
+    for item in bench_files[dataset]:
+        want = E.answer(model, tok, item, E.load_visual(item), plan)["pred"]
+        media = ["--image", str(item.path)] if kind == "image" else ["--video", str(item.path), "--frames",
+                                                                     str(M.NUM_FRAMES)]
+        code, out, err = run_cli(["run", *media, "--plan", plan, "--prompt", item.question, "--options",
+                                  *item.options, "--protocol", item.protocol, "--max-new-tokens", "4", "--json"],
+                                 capsys)
+        assert code == 0, err
+        got = json.loads(out)
+        assert got["letter"] == (want or None) and got["protocol"] == item.protocol
+        assert got["option"] == (item.options["ABCDEF".index(want)] if want else None)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--options", "red"], "2 to 6 choices"),
+    (["--options", *"abcdefg"], "2 to 6 choices"),
+    (["--options", "red", " "], "non-empty"),
+    (["--protocol", "mlvu"], "give the choices with --options"),
+])
+def test_bad_options_are_clear_errors(extra, needle, capsys, image_path):
+    assert_fails(["run", "--image", str(image_path), "--prompt", "q", *extra], capsys, needle)

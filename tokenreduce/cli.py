@@ -101,7 +101,8 @@ def _run_video(args: argparse.Namespace, plan) -> int:
     from .adapters.videollm import video_inputs
 
     spec = adapter.video_spec()
-    text = f"USER: {spec.token}\n{args.prompt} ASSISTANT:"
+    text = _choice_prompt(args, "video")
+    text = f"USER: {spec.token}\n{args.prompt} ASSISTANT:" if text is None else text.replace("<video>", spec.token)
     inputs = video_inputs(tokenizer, spec, [text], [frames.frames])
     with torch.no_grad(), apply(model, plan, tokenizer=tokenizer) as run:
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
@@ -110,12 +111,46 @@ def _run_video(args: argparse.Namespace, plan) -> int:
     return 0
 
 
+def _check_choices(args: argparse.Namespace) -> None:
+    if args.options is None:
+        if args.protocol is not None:
+            raise CLIError("--protocol builds a multiple-choice prompt: give the choices with --options")
+        return
+    from .eval.protocols import LETTERS
+
+    if not 2 <= len(args.options) <= len(LETTERS):
+        raise CLIError(f"--options takes 2 to {len(LETTERS)} choices, got {len(args.options)}")
+    if any(not o.strip() for o in args.options):
+        raise CLIError("--options: every choice must be non-empty")
+
+
+def _choice_prompt(args: argparse.Namespace, kind: str) -> str | None:
+    """With --options: the benchmark's multiple-choice prompt for --prompt as the question (one `<image>` or
+    `<video>` placeholder), in --protocol's official form; None without --options."""
+    if args.options is None:
+        return None
+    from .eval.protocols import build_prompt
+
+    return build_prompt(args.protocol or "mlvu", args.prompt, args.options, kind)
+
+
 def _print_run(args: argparse.Namespace, answer: str, run, extra: dict | None = None) -> None:
+    extra = dict(extra or {})
+    if args.options is not None:
+        from .eval.protocols import LETTERS, extract
+
+        protocol = args.protocol or "mlvu"
+        letter = extract(protocol, answer)  # the protocol's own answer extraction, as the benchmarks score it
+        index = LETTERS.find(letter) if letter else -1
+        option = args.options[index] if 0 <= index < len(args.options) else None
+        extra.update(protocol=protocol, letter=letter or None, option=option)
     if args.json:
-        print(json.dumps({"answer": answer, **(extra or {}), "report": run.report.to_dict()}, indent=2))
-    else:
-        print(f"answer: {answer!r}")
-        print(run.report)
+        print(json.dumps({"answer": answer, **extra, "report": run.report.to_dict()}, indent=2))
+        return
+    print(f"answer: {answer!r}")
+    if args.options is not None:
+        print(f"choice: ({extra['letter']}) {extra['option']}" if extra["option"] else "choice: none extracted")
+    print(run.report)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -130,6 +165,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     plan = Plan.parse(args.plan)
     if (args.image is None) == (args.video is None):
         raise CLIError("give exactly one of --image or --video")
+    _check_choices(args)
     if args.video is not None:
         return _run_video(args, plan)
     if not os.path.isfile(args.image):
@@ -139,8 +175,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except Exception as e:  # PIL raises several types for unreadable files
         raise CLIError(f"--image {args.image!r}: cannot read it as an image ({e})") from None
     model, processor = load_model(args.model, args.attn)
-    conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
-    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
+    text = _choice_prompt(args, "image")
+    if text is None:
+        conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
+        text = processor.apply_chat_template(conversation, add_generation_prompt=True)
     inputs = processor(text=text, images=image, return_tensors="pt")
     with torch.no_grad(), apply(model, plan) as run:
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
@@ -197,7 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--video", help="a video file (frames sampled uniformly, as lmms-eval does)")
     s.add_argument("--frames", type=_positive_int, default=8, help="frames to sample from --video (default 8)")
     s.add_argument("--fps", type=float, default=None, help="sample --video at this rate instead (at most --frames)")
-    s.add_argument("--prompt", required=True)
+    s.add_argument("--prompt", required=True, help="the prompt, or with --options the question")
+    s.add_argument("--options", nargs="+", default=None, metavar="CHOICE",
+                   help="answer choices (2 to 6): build the benchmark's multiple-choice prompt around --prompt and "
+                   "report the chosen letter, as the default models were trained to answer")
+    s.add_argument("--protocol", choices=["mlvu", "mlvu-lmms", "videomme"], default=None,
+                   help="with --options: the official prompt form (default mlvu)")
     s.add_argument("--model", default="default",
                    help="default (the shipped trained image model, or video model with --video), a local checkpoint "
                    "folder, or a built-in random-weight preset (tiny, tiny-onevision, ...)")
