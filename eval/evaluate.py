@@ -401,6 +401,13 @@ def plan_list(reducers: Sequence[str], n_visual: int, keep: Sequence[float] = DE
     return plans + list(free)
 
 
+def main_job_plans(model, kind: str, keep: Sequence[float] = DEFAULT_KEEP) -> list[str]:
+    """The main job's plans for a model of `kind`: its reducers at every budget of `keep` (fractions of its visual
+    tokens; a video's newline token is not part of the budget), then its MustDrop threshold plans."""
+    n_visual = M.visual_token_count(model) - (1 if kind == "video" else 0)
+    return plan_list(IMAGE_REDUCERS if kind == "image" else VIDEO_REDUCERS, n_visual, keep, FREE_PLANS[kind])
+
+
 def ensure_benchmark(bench: Path, split: str, n_images: int, n_videos: int, seed: int = 0) -> Path:
     """`bench/split`, written with `write_benchmark` when it is missing or incomplete."""
     root = bench / split
@@ -463,9 +470,7 @@ def main(args: argparse.Namespace) -> int:
         if args.plans:
             plans = ["none", *dict.fromkeys(p.strip() for p in args.plans.split(";") if p.strip() and p != "none")]
         else:
-            n_visual = M.visual_token_count(model) - (1 if kind == "video" else 0)  # the newline is not a budget
-            plans = plan_list(IMAGE_REDUCERS if kind == "image" else VIDEO_REDUCERS, n_visual, keep,
-                              FREE_PLANS[kind])
+            plans = main_job_plans(model, kind, keep)
         items = load_items(root, ds, args.limit)
         records += evaluate(model, tok, items, plans, out / "samples.jsonl", blank=args.blank)
     rows = summarize(records)

@@ -526,7 +526,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if len(peaks) not in (1, len(args.restart_steps)):
         p.error(f"--restart-lr takes one value or one per --restart-steps ({len(args.restart_steps)}), "
                 f"got {len(peaks)}")
-    args.restarts = [(n, peaks[i if len(peaks) > 1 else 0]) for i, n in enumerate(args.restart_steps)]
+    if len(peaks) == 1:
+        peaks = peaks * len(args.restart_steps)
+    args.restarts = list(zip(args.restart_steps, peaks))
     return args
 
 

@@ -98,8 +98,7 @@ def test_every_plan_of_the_main_job_serves_its_default_model(kind, image_model, 
     model, tok = image_model if kind == "image" else video_model
     items, visuals = image_sample if kind == "image" else video_samples["videomme"]
     reducers = E.IMAGE_REDUCERS if kind == "image" else E.VIDEO_REDUCERS
-    n_visual = M.visual_token_count(model) - (1 if kind == "video" else 0)
-    plans = E.plan_list(reducers, n_visual, E.DEFAULT_KEEP, E.FREE_PLANS[kind])
+    plans = E.main_job_plans(model, kind)
     assert len(plans) == 1 + len(reducers) * len(E.DEFAULT_KEEP) + len(E.FREE_PLANS[kind])
     full = E.answer(model, tok, items[0], visuals[0])
     for plan in plans[1:]:

@@ -122,6 +122,7 @@ def _check_choices(args: argparse.Namespace) -> None:
         raise CLIError(f"--options takes 2 to {len(LETTERS)} choices, got {len(args.options)}")
     if any(not o.strip() for o in args.options):
         raise CLIError("--options: every choice must be non-empty")
+    args.protocol = args.protocol or "mlvu"
 
 
 def _choice_prompt(args: argparse.Namespace, kind: str) -> str | None:
@@ -131,7 +132,7 @@ def _choice_prompt(args: argparse.Namespace, kind: str) -> str | None:
         return None
     from .eval.protocols import build_prompt
 
-    return build_prompt(args.protocol or "mlvu", args.prompt, args.options, kind)
+    return build_prompt(args.protocol, args.prompt, args.options, kind)
 
 
 def _print_run(args: argparse.Namespace, answer: str, run, extra: dict | None = None) -> None:
@@ -139,11 +140,10 @@ def _print_run(args: argparse.Namespace, answer: str, run, extra: dict | None = 
     if args.options is not None:
         from .eval.protocols import LETTERS, extract
 
-        protocol = args.protocol or "mlvu"
-        letter = extract(protocol, answer)  # the protocol's own answer extraction, as the benchmarks score it
+        letter = extract(args.protocol, answer)  # the protocol's own extraction, as the benchmarks score it
         index = LETTERS.find(letter) if letter else -1
         option = args.options[index] if 0 <= index < len(args.options) else None
-        extra.update(protocol=protocol, letter=letter or None, option=option)
+        extra.update(protocol=args.protocol, letter=letter or None, option=option)
     if args.json:
         print(json.dumps({"answer": answer, **extra, "report": run.report.to_dict()}, indent=2))
         return
@@ -210,6 +210,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .eval.protocols import PROTOCOLS
+
     p = argparse.ArgumentParser(
         prog="tokenreduce",
         description="Remove the visual tokens a VLM does not need.",
@@ -239,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--options", nargs="+", default=None, metavar="CHOICE",
                    help="answer choices (2 to 6): build the benchmark's multiple-choice prompt around --prompt and "
                    "report the chosen letter, as the default models were trained to answer")
-    s.add_argument("--protocol", choices=["mlvu", "mlvu-lmms", "videomme"], default=None,
+    s.add_argument("--protocol", choices=PROTOCOLS, default=None,
                    help="with --options: the official prompt form (default mlvu)")
     s.add_argument("--model", default="default",
                    help="default (the shipped trained image model, or video model with --video), a local checkpoint "
