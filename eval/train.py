@@ -5,8 +5,12 @@
     python -m tokenreduce.eval.train --model image --minutes 20 --out runs/try  # anything else: flags
 
 A recipe (`RECIPES`) is a fixed set of flags (steps, batch, learning rate, auxiliary weights): the same command
-gives the same weights up to floating-point reduction order. Explicit flags override a recipe's values.
-`--export` copies the best checkpoint into the package (`tokenreduce/assets/models/<kind>/`) when training ends.
+sees the same data and schedule. Floating-point reduction order (thread count, hardware) still makes two runs
+drift apart; a 2-thread rerun of the video recipe left its chance plateau 250 steps later than the 1-thread run
+and ended 0.017 lower on validation. Explicit flags override a recipe's values.
+`--stop-at` ends a run early at a step of its schedule (the video recipe stops at 1750 of 2000, where its
+validation peaked, so it fits the hour). `--export` copies the best checkpoint into the package
+(`tokenreduce/assets/models/<kind>/`) when training ends.
 
 Data is drawn on the fly from the synthetic generator's **train** split (never validation or test); every sample
 is one question in one of the official prompt protocols (`protocols`: MLVU official and lmms-eval for images; plus
@@ -444,8 +448,8 @@ RECIPES: dict[str, dict] = {
     "image": dict(model="image", seed=0, steps=1300, batch=128, lr=2e-3, warmup=100, easy_steps=100,
                   attn_weight=1.0, route_weight=0.3, teacher_frac=0.5, teacher_steps=700, teacher_weight=1.0,
                   restart_steps=[350, 1800], restart_lr=[1e-3, 1e-3]),
-    "video": dict(model="video", seed=0, steps=2000, batch=32, lr=1.5e-3, warmup=150, attn_weight=1.0,
-                  route_weight=0.3),
+    "video": dict(model="video", seed=0, steps=2000, stop_at=1750, batch=32, lr=1.5e-3, warmup=150,
+                  attn_weight=1.0, route_weight=0.3),
 }
 
 
@@ -499,6 +503,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--restart-steps", type=int, nargs="+", default=[],
                    help="after --steps, warm restarts of this many steps each: cosine cycles peaking at --restart-lr "
                    "after a 25-step warmup (part of the run: resumable, the same on every machine)")
+    p.add_argument("--stop-at", type=int, default=None, metavar="STEP",
+                   help="end the run at this step of the schedule (early stop: the learning rate and teacher "
+                        "schedules keep the length --steps and --restart-steps give them)")
     p.add_argument("--restart-lr", type=float, nargs="+", default=None,
                    help="peak learning rate of each restart (one per --restart-steps, or one for all; default --lr/2)")
     p.add_argument("--total-steps", type=int, default=None, help="on resume: change the schedule's length")
@@ -522,6 +529,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--restart-steps needs --steps (a --minutes run has no fixed end to restart after)")
     if any(n < 26 for n in args.restart_steps):
         p.error(f"each --restart-steps must be at least 26 (25 warmup steps and one more), got {args.restart_steps}")
+    given = [t.split("=")[0] for t in (sys.argv[1:] if argv is None else argv)]
+    if first.recipe and "--stop-at" not in given and ("--steps" in given or "--restart-steps" in given):
+        args.stop_at = None  # a recipe's early stop belongs to its schedule, not to one the flags replaced
+    if args.stop_at is not None:
+        if args.steps is None:
+            p.error("--stop-at needs --steps (a --minutes run already ends on its time budget)")
+        length = args.steps + sum(args.restart_steps)
+        if not 0 < args.stop_at <= length:
+            p.error(f"--stop-at must be in 1..{length} (the schedule's length), got {args.stop_at}")
     peaks = args.restart_lr or [args.lr / 2]
     if len(peaks) not in (1, len(args.restart_steps)):
         p.error(f"--restart-lr takes one value or one per --restart-steps ({len(args.restart_steps)}), "
@@ -577,6 +593,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resumed at step {step}/{total} (best validation {best:.3f})", flush=True)
     print(f"{kind} model: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}, batch {batch}, "
           f"threads {args.threads}, {device} {args.precision}", flush=True)
+    if args.stop_at is not None and args.stop_at < total:
+        print(f"early stop: the run ends at step {args.stop_at} of its {total}-step schedule", flush=True)
     easy = args.easy_steps if args.easy_steps is not None else (300 if kind == "image" else 0)
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     command = "python -m tokenreduce.eval.train " + " ".join(sys.argv[1:] if argv is None else argv)
@@ -608,7 +626,10 @@ def main(argv: list[str] | None = None) -> int:
 
     t_last = time.perf_counter()
     window = defaultdict(list)
-    while total is None or step < total:
+    def end() -> int | None:  # the step the run ends at: the schedule's end, or --stop-at before it
+        return total if total is None or args.stop_at is None else min(total, args.stop_at)
+
+    while total is None or step < end():
         tasks = EASY_IMAGE_TASKS if (kind == "image" and step < easy) else data.tasks
         inputs = {k: v.to(device) for k, v in data.make(step, tasks, tokenizer, model).items()}
         labels = inputs.pop("labels")
@@ -676,7 +697,7 @@ def main(argv: list[str] | None = None) -> int:
         if overtime:
             print(f"time budget spent at step {step}/{total}; stopping", flush=True)
             total = step
-        if step % args.val_every == 0 or step == total:
+        if step % args.val_every == 0 or step == end():
             evaluate_now()
             t_last = time.perf_counter()  # validation time does not count against the training budget
             checkpoint()

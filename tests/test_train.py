@@ -75,6 +75,30 @@ def test_recipes_set_flags_and_explicit_flags_win(tmp_path: Path):
         "image", want["steps"], want["batch"], want["lr"], want["teacher_frac"])
     args = T.parse_args(["--recipe", "video", "--steps", "7", "--out", str(tmp_path)])
     assert args.model == "video" and args.steps == 7 and args.attn_weight == T.RECIPES["video"]["attn_weight"]
+    assert args.stop_at is None  # the recipe's early stop belongs to the schedule that --steps replaced
+    args = T.parse_args(["--recipe", "video", "--out", str(tmp_path)])
+    assert args.stop_at == T.RECIPES["video"]["stop_at"] < args.steps  # the video recipe stops early
+    args = T.parse_args(["--recipe", "video", "--steps=1800", "--stop-at", "1700", "--out", str(tmp_path)])
+    assert (args.steps, args.stop_at) == (1800, 1700)
+
+
+def test_stop_at_ends_the_run_early_on_the_full_schedule(tmp_path: Path, capsys):
+    """--stop-at 3 of a 6-step schedule: three steps, a validation and a checkpoint at step 3, and the learning
+    rate of the 6-step schedule (a 3-step schedule would already be decaying faster)."""
+    argv = ["--model", "image", "--out", str(tmp_path), "--steps", "6", "--stop-at", "3", "--warmup", "1",
+            "--batch", "2", "--val-size", "4", "--val-every", "1000", "--log-every", "1", "--threads", "1"]
+    assert T.main(argv) == 0
+    log = capsys.readouterr().out
+    assert "early stop: the run ends at step 3 of its 6-step schedule" in log
+    steps = [line for line in log.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in steps] == ["1/6", "2/6", "3/6"] and "[val] step 3 " in log
+    logged_lr = float(steps[-1].split(" lr ")[1].split()[0])  # the rate step 3 trained with (schedule index 2)
+    assert logged_lr == pytest.approx(T.learning_rate(2, 1.5e-3, 1, 6), rel=1e-2)
+    assert logged_lr != pytest.approx(T.learning_rate(2, 1.5e-3, 1, 3), rel=1e-2)
+    assert torch.load(tmp_path / "state.pt", weights_only=False)["step"] == 3
+    assert T.main(argv) == 0  # the same command again resumes at its end and trains nothing more
+    again = capsys.readouterr().out
+    assert "resumed at step 3/6" in again and not any(line.startswith("step ") for line in again.splitlines())
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -85,6 +109,10 @@ def test_recipes_set_flags_and_explicit_flags_win(tmp_path: Path):
       "--restart-lr", "1e-3", "5e-4", "2e-4"], "one value or one per --restart-steps"),
     (["--model", "image", "--out", "x", "--restart-steps", "50"], "needs --steps"),
     (["--model", "image", "--out", "x", "--steps", "100", "--restart-steps", "10"], "at least 26"),
+    (["--model", "image", "--out", "x", "--stop-at", "5"], "--stop-at needs --steps"),
+    (["--model", "image", "--out", "x", "--steps", "10", "--stop-at", "11"], "must be in 1..10"),
+    (["--model", "image", "--out", "x", "--steps", "10", "--restart-steps", "30", "--stop-at", "0"],
+     "must be in 1..40"),
 ])
 def test_bad_training_flags_are_clear_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
