@@ -69,10 +69,9 @@ def test_substituted_rows_reach_the_llm_as_given(image_model):
 
 
 def test_recipes_set_flags_and_explicit_flags_win(tmp_path: Path):
-    args = T.parse_args(["--recipe", "image", "--out", str(tmp_path)])
-    want = T.RECIPES["image"]
-    assert (args.model, args.steps, args.batch, args.lr, args.teacher_frac) == (
-        "image", want["steps"], want["batch"], want["lr"], want["teacher_frac"])
+    for name, recipe in T.RECIPES.items():
+        args = T.parse_args(["--recipe", name, "--out", str(tmp_path)])
+        assert {k: getattr(args, k) for k in recipe} == recipe, name
     args = T.parse_args(["--recipe", "video", "--steps", "7", "--out", str(tmp_path)])
     assert args.model == "video" and args.steps == 7 and args.attn_weight == T.RECIPES["video"]["attn_weight"]
     assert args.stop_at is None  # the recipe's early stop belongs to the schedule that --steps replaced
