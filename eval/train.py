@@ -535,7 +535,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if any(n < 26 for n in args.restart_steps):
         p.error(f"each --restart-steps must be at least 26 (25 warmup steps and one more), got {args.restart_steps}")
     given = [t.split("=")[0] for t in (sys.argv[1:] if argv is None else argv)]
-    if first.recipe and "--stop-at" not in given and ("--steps" in given or "--restart-steps" in given):
+    stop_given = any(t.startswith("--sto") and "--stop-at".startswith(t) for t in given)  # argparse abbreviates
+    if first.recipe and not stop_given and ("--steps" in given or "--restart-steps" in given):
         args.stop_at = None  # a recipe's early stop belongs to its schedule, not to one the flags replaced
     if args.stop_at is not None:
         if args.steps is None:

@@ -77,8 +77,9 @@ def test_recipes_set_flags_and_explicit_flags_win(tmp_path: Path):
     assert args.stop_at is None  # the recipe's early stop belongs to the schedule that --steps replaced
     args = T.parse_args(["--recipe", "video", "--out", str(tmp_path)])
     assert args.stop_at == T.RECIPES["video"]["stop_at"] < args.steps  # the video recipe stops early
-    args = T.parse_args(["--recipe", "video", "--steps=1800", "--stop-at", "1700", "--out", str(tmp_path)])
-    assert (args.steps, args.stop_at) == (1800, 1700)
+    for stop in ("--stop-at", "--stop"):  # an explicit stop, abbreviated or not, is kept
+        args = T.parse_args(["--recipe", "video", "--steps=1800", stop, "1700", "--out", str(tmp_path)])
+        assert (args.steps, args.stop_at) == (1800, 1700)
 
 
 def test_stop_at_ends_the_run_early_on_the_full_schedule(tmp_path: Path, capsys):
