@@ -2,7 +2,7 @@
 
     python -m tokenreduce.eval.train --recipe image --out runs/image --export   # the shipped image model
     python -m tokenreduce.eval.train --recipe video --out runs/video --export   # the shipped video model
-    python -m tokenreduce.eval.train --recipe image-hour --out runs/image-hour  # an image model in 55 minutes
+    python -m tokenreduce.eval.train --recipe image-hour --out runs/image-hour  # an image model in 50 minutes
     python -m tokenreduce.eval.train --model image --minutes 20 --out runs/try  # anything else: flags
 
 A recipe (`RECIPES`) is a fixed set of flags (steps, batch, learning rate, auxiliary weights): the same command
@@ -449,7 +449,7 @@ RECIPES: dict[str, dict] = {
     "image": dict(model="image", seed=0, steps=1300, batch=128, lr=2e-3, warmup=100, easy_steps=100,
                   attn_weight=1.0, route_weight=0.3, teacher_frac=0.5, teacher_steps=700, teacher_weight=1.0,
                   restart_steps=[350, 1800], restart_lr=[1e-3, 1e-3]),
-    # the image model within an hour on 2 cores (55 min): smaller batches, one cosine; below the bar (see the card)
+    # the image model within an hour on 2 cores (50 min): smaller batches, one cosine; below the bar (see the card)
     "image-hour": dict(model="image", seed=0, steps=4200, batch=32, lr=1e-3, warmup=200, easy_steps=400,
                        attn_weight=1.0, route_weight=0.3, teacher_frac=0.5, teacher_steps=2800, teacher_weight=1.0,
                        val_every=500),
@@ -632,6 +632,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t_last = time.perf_counter()
     window = defaultdict(list)
+
     def end() -> int | None:  # the step the run ends at: the schedule's end, or --stop-at before it
         return total if total is None or args.stop_at is None else min(total, args.stop_at)
 
