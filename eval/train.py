@@ -534,9 +534,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--restart-steps needs --steps (a --minutes run has no fixed end to restart after)")
     if any(n < 26 for n in args.restart_steps):
         p.error(f"each --restart-steps must be at least 26 (25 warmup steps and one more), got {args.restart_steps}")
-    given = [t.split("=")[0] for t in (sys.argv[1:] if argv is None else argv)]
-    stop_given = any(t.startswith("--sto") and "--stop-at".startswith(t) for t in given)  # argparse abbreviates
-    if first.recipe and not stop_given and ("--steps" in given or "--restart-steps" in given):
+    # `first` was parsed before the recipe's defaults, so it holds only what the command line gave
+    if first.recipe and first.stop_at is None and (first.steps is not None or first.restart_steps):
         args.stop_at = None  # a recipe's early stop belongs to its schedule, not to one the flags replaced
     if args.stop_at is not None:
         if args.steps is None:
