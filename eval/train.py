@@ -9,7 +9,8 @@ A recipe (`RECIPES`) is a fixed set of flags (steps, batch, learning rate, auxil
 sees the same data and schedule. Floating-point reduction order (thread count, hardware) still makes two runs
 drift apart; a 2-thread rerun of the video recipe left its chance plateau 250 steps later than the 1-thread run
 and ended 0.017 lower on validation. Explicit flags override a recipe's values.
-`--stop-at` ends a run early at a step of its schedule (the video recipe stops at 1750 of 2000, where its
+`--task-weights relation=3` changes the training mix (validation stays uniform); `--vision-lr-scale` scales the
+vision tower's and projector's learning rate. `--stop-at` ends a run early at a step of its schedule (the video recipe stops at 1750 of 2000, where its
 validation peaked, so it fits the hour). `--export` copies the best checkpoint into the package
 (`tokenreduce/assets/models/<kind>/`) when training ends.
 
@@ -474,6 +475,35 @@ def learning_rate(step: int, lr: float, warmup: int, main_end: int,
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
+def param_groups(model: nn.Module, heads: Sequence[nn.Module], weight_decay: float,
+                 vision_lr_scale: float = 1.0) -> list[dict]:
+    """AdamW groups: weight decay on matrices only; with `vision_lr_scale` != 1 the vision tower and projector
+    get their own groups whose learning rate is the schedule's times that scale (`lr_scale`)."""
+    named = list(model.named_parameters()) + [(f"head{i}.{n}", p) for i, m in enumerate(heads)
+                                              for n, p in m.named_parameters()]
+    groups: dict[tuple[bool, bool], list] = defaultdict(list)
+    for name, p in named:
+        vision = vision_lr_scale != 1.0 and ("vision_tower" in name or "multi_modal_projector" in name)
+        groups[(vision, p.ndim >= 2)].append(p)
+    return [{"params": ps, "weight_decay": weight_decay if matrix else 0.0,
+             "lr_scale": vision_lr_scale if vision else 1.0}
+            for (vision, matrix), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
+
+
+def task_mix(tasks: Sequence[str], weights: Sequence[str]) -> tuple[str, ...]:
+    """The training task cycle: each of `tasks` repeated by its weight from `weights` ("TASK=N", default 1).
+    The generator cycles through the tuple by item index, so a task's share of the samples is N / sum."""
+    share = dict.fromkeys(tasks, 1)
+    for item in weights:
+        name, _, n = item.partition("=")
+        if name not in share:
+            raise ValueError(f"--task-weights: unknown task {name!r} (tasks: {', '.join(tasks)})")
+        if not n.isdigit() or int(n) < 1:
+            raise ValueError(f"--task-weights: {item!r} needs a positive integer weight, as in {name}=2")
+        share[name] = int(n)
+    return tuple(t for t in tasks for _ in range(share[t]))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tokenreduce.eval.train", description=__doc__.split("\n")[0])
     p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
@@ -515,6 +545,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="peak learning rate of each restart (one per --restart-steps, or one for all; default --lr/2)")
     p.add_argument("--total-steps", type=int, default=None, help="on resume: change the schedule's length")
     p.add_argument("--easy-steps", type=int, default=None, help="image curriculum: steps on one-hop tasks only")
+    p.add_argument("--vision-lr-scale", type=float, default=1.0,
+                   help="the vision tower's and projector's learning rate is the schedule's times this")
+    p.add_argument("--task-weights", nargs="+", default=[], metavar="TASK=N",
+                   help="training mix: task TASK gets N shares of the samples (a positive integer; others get 1); "
+                        "validation stays uniform over tasks")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--val-every", type=int, default=250)
@@ -543,6 +578,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         length = args.steps + sum(args.restart_steps)
         if not 0 < args.stop_at <= length:
             p.error(f"--stop-at must be in 1..{length} (the schedule's length), got {args.stop_at}")
+    try:
+        args.tasks = task_mix(syn.IMAGE_TASKS if args.model == "image" else syn.VIDEO_TASKS, args.task_weights)
+    except ValueError as e:
+        p.error(str(e))
     peaks = args.restart_lr or [args.lr / 2]
     if len(peaks) not in (1, len(args.restart_steps)):
         p.error(f"--restart-lr takes one value or one per --restart-steps ({len(args.restart_steps)}), "
@@ -571,15 +610,13 @@ def main(argv: list[str] | None = None) -> int:
     for m in (model, probe, steps_heads, teacher):
         m.to(device)
     params = [p for m in (model, probe, steps_heads, teacher) for p in m.parameters()]
-    decay = [p for p in params if p.ndim >= 2]
-    no_decay = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(param_groups(model, (probe, steps_heads, teacher), args.weight_decay, args.vision_lr_scale),
+                            lr=args.lr, betas=(0.9, 0.98))
     capture = VisualCapture(model)
     visual_id = tokenizer.convert_tokens_to_ids("<image>" if kind == "image" else "<video>")
     if args.attn_weight > 0 or args.route_weight > 0:  # attention probabilities needed; export reloads with sdpa
         model.set_attn_implementation("eager")
-    data = Batches(kind, args.seed, batch, syn.IMAGE_TASKS if kind == "image" else syn.VIDEO_TASKS, args.open_frac)
+    data = Batches(kind, args.seed, batch, args.tasks, args.open_frac)
     val = validation_set(kind, args.val_size or (256 if kind == "image" else 120))
     n_params = sum(p.numel() for p in model.parameters())
     state_path = out / "state.pt"
@@ -643,7 +680,7 @@ def main(argv: list[str] | None = None) -> int:
         targets = {k: inputs.pop(k) for k in ("q_pos", "q_target", "opt_pos", "opt_target", "letter_pos")}
         relevant = inputs.pop("relevant")
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, total or 10**9)
+            g["lr"] = lr_at(step, total or 10**9) * g.get("lr_scale", 1.0)
         share = teacher_share(step, args.teacher_frac, args.teacher_steps)
         with torch.autocast(**autocast):
             symbolic = None

@@ -82,6 +82,32 @@ def test_recipes_set_flags_and_explicit_flags_win(tmp_path: Path):
         assert (args.steps, args.stop_at) == (1800, 1700)
 
 
+def test_vision_lr_scale_gives_the_vision_tower_and_projector_their_own_rate(image_model):
+    model, _ = image_model
+    heads = [T.TokenProbe(8)]
+    everything = {id(p) for p in model.parameters()} | {id(p) for p in heads[0].parameters()}
+    for scale in (1.0, 3.0):
+        groups = T.param_groups(model, heads, 0.01, scale)
+        ids = [id(p) for g in groups for p in g["params"]]
+        assert sorted(ids) == sorted(everything)  # every parameter exactly once
+        for g in groups:
+            assert g["weight_decay"] == (0.01 if all(p.ndim >= 2 for p in g["params"]) else 0.0)
+        scaled = {id(p) for g in groups if g["lr_scale"] == scale for p in g["params"]}
+        vision = {id(p) for n, p in model.named_parameters() if "vision_tower" in n or "multi_modal_projector" in n}
+        assert scaled == (everything if scale == 1.0 else vision)
+    assert len(T.param_groups(model, heads, 0.01)) == 2  # scale 1: the two groups older state files hold
+
+
+def test_task_weights_set_each_tasks_share_of_the_training_samples(tmp_path: Path):
+    args = T.parse_args(["--model", "image", "--out", str(tmp_path), "--task-weights", "relation=3",
+                         "count_colour=2"])
+    assert args.tasks == ("colour_at", "shape_at", "relation", "relation", "relation", "count_colour", "count_colour")
+    drawn = [s.task for s in syn.generate_images(14, split="train", start=70, tasks=args.tasks)]
+    assert {t: drawn.count(t) for t in syn.IMAGE_TASKS} == {"colour_at": 2, "shape_at": 2, "relation": 6,
+                                                           "count_colour": 4}
+    assert T.parse_args(["--model", "image", "--out", str(tmp_path)]).tasks == syn.IMAGE_TASKS  # uniform default
+
+
 def test_stop_at_ends_the_run_early_on_the_full_schedule(tmp_path: Path, capsys):
     """--stop-at 3 of a 6-step schedule: three steps, a validation and a checkpoint at step 3, and the learning
     rate of the 6-step schedule (a 3-step schedule would already be decaying faster)."""
@@ -113,6 +139,9 @@ def test_stop_at_ends_the_run_early_on_the_full_schedule(tmp_path: Path, capsys)
     (["--model", "image", "--out", "x", "--steps", "10", "--stop-at", "11"], "must be in 1..10"),
     (["--model", "image", "--out", "x", "--steps", "10", "--restart-steps", "30", "--stop-at", "0"],
      "must be in 1..40"),
+    (["--model", "video", "--out", "x", "--task-weights", "relation=2"], "unknown task 'relation'"),
+    (["--model", "image", "--out", "x", "--task-weights", "relation=0"], "positive integer weight"),
+    (["--model", "image", "--out", "x", "--task-weights", "relation"], "positive integer weight"),
 ])
 def test_bad_training_flags_are_clear_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
