@@ -10,9 +10,9 @@ sees the same data and schedule. Floating-point reduction order (thread count, h
 drift apart; a 2-thread rerun of the video recipe left its chance plateau 250 steps later than the 1-thread run
 and ended 0.017 lower on validation. Explicit flags override a recipe's values.
 `--task-weights relation=3` changes the training mix (validation stays uniform); `--vision-lr-scale` scales the
-vision tower's and projector's learning rate. `--stop-at` ends a run early at a step of its schedule (the video recipe stops at 1750 of 2000, where its
-validation peaked, so it fits the hour). `--export` copies the best checkpoint into the package
-(`tokenreduce/assets/models/<kind>/`) when training ends.
+vision tower's and projector's learning rate. `--stop-at` ends a run early at a step of its schedule (the video
+recipe stops at 1750 of 2000, where its validation peaked, so it fits the hour). `--export` copies the best
+checkpoint into the package (`tokenreduce/assets/models/<kind>/`) when training ends.
 
 Data is drawn on the fly from the synthetic generator's **train** split (never validation or test); every sample
 is one question in one of the official prompt protocols (`protocols`: MLVU official and lmms-eval for images; plus
