@@ -478,16 +478,20 @@ def learning_rate(step: int, lr: float, warmup: int, main_end: int,
 def param_groups(model: nn.Module, heads: Sequence[nn.Module], weight_decay: float,
                  vision_lr_scale: float = 1.0) -> list[dict]:
     """AdamW groups: weight decay on matrices only; with `vision_lr_scale` != 1 the vision tower and projector
-    get their own groups whose learning rate is the schedule's times that scale (`lr_scale`)."""
-    named = list(model.named_parameters()) + [(f"head{i}.{n}", p) for i, m in enumerate(heads)
-                                              for n, p in m.named_parameters()]
-    groups: dict[tuple[bool, bool], list] = defaultdict(list)
-    for name, p in named:
-        vision = vision_lr_scale != 1.0 and ("vision_tower" in name or "multi_modal_projector" in name)
-        groups[(vision, p.ndim >= 2)].append(p)
-    return [{"params": ps, "weight_decay": weight_decay if matrix else 0.0,
-             "lr_scale": vision_lr_scale if vision else 1.0}
-            for (vision, matrix), ps in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
+    get their own groups whose learning rate is the schedule's times that scale (`lr_scale`). Groups keep the
+    parameters' order (model, then heads), so at scale 1 they are the two groups older state files hold."""
+    inner = model.model
+    vision = set() if vision_lr_scale == 1.0 else {
+        id(p) for m in (inner.vision_tower, inner.multi_modal_projector) for p in m.parameters()}
+    params = [p for m in (model, *heads) for p in m.parameters()]
+    groups = []
+    for in_vision in (False, True):
+        for matrix in (True, False):
+            ps = [p for p in params if (id(p) in vision) == in_vision and (p.ndim >= 2) == matrix]
+            if ps:
+                groups.append({"params": ps, "weight_decay": weight_decay if matrix else 0.0,
+                               "lr_scale": vision_lr_scale if in_vision else 1.0})
+    return groups
 
 
 def task_mix(tasks: Sequence[str], weights: Sequence[str]) -> tuple[str, ...]:
@@ -609,9 +613,9 @@ def main(argv: list[str] | None = None) -> int:
     teacher = Teacher(tokenizer, dim)
     for m in (model, probe, steps_heads, teacher):
         m.to(device)
-    params = [p for m in (model, probe, steps_heads, teacher) for p in m.parameters()]
     opt = torch.optim.AdamW(param_groups(model, (probe, steps_heads, teacher), args.weight_decay, args.vision_lr_scale),
                             lr=args.lr, betas=(0.9, 0.98))
+    params = [p for g in opt.param_groups for p in g["params"]]  # for gradient clipping
     capture = VisualCapture(model)
     visual_id = tokenizer.convert_tokens_to_ids("<image>" if kind == "image" else "<video>")
     if args.attn_weight > 0 or args.route_weight > 0:  # attention probabilities needed; export reloads with sdpa
