@@ -3,6 +3,7 @@
     tokenreduce evaluate                      # every reducer at 50/25/11% of the visual tokens, test split
     tokenreduce evaluate --plans "none;pool(tokens=16)" --limit 40 --datasets images
     tokenreduce evaluate --blank              # the same with the image/video blanked out (must fall to chance)
+    tokenreduce evaluate --keep-positions     # reduced plans with kept tokens at their full-prompt position ids
 
 Reads a benchmark folder in the official layouts (`synthetic.write_benchmark`; written on first use when
 missing): ``images`` (MLVU-like image records), ``videomme`` (Video-MME, lmms-eval's prompt) and ``mlvu``
@@ -51,6 +52,7 @@ FREE_PLANS: dict[str, tuple[str, ...]] = {
                    for g, i in ((0.006, 0.01), (0.01, 0.03), (0.02, 0.1))),
 }
 DEFAULT_BENCH = "bench-results/data"  # under bench-results/, which git ignores
+POSITIONS = "@positions"  # plan suffix: kept visual tokens keep their full-prompt position ids
 
 
 @dataclass(frozen=True)
@@ -164,10 +166,19 @@ class _FirstToken:
 
 
 @torch.inference_mode()
+def split_positions(plan: str) -> tuple[str, bool]:
+    """"pool(tokens=16) @positions" -> ("pool(tokens=16)", True): the suffix runs a plan with the kept tokens at
+    their full-prompt position ids (`tr.attach(..., keep_positions=True)`); its rows are their own series."""
+    if plan.endswith(POSITIONS):
+        return plan[: -len(POSITIONS)].strip(), True
+    return plan, False
+
+
 def answer(model, tokenizer, item: Item, visual: np.ndarray, plan: str = "none", max_new_tokens: int = 4
            ) -> dict[str, Any]:
-    """Greedy answer to one item under `plan`; returns the completion, extracted letters, correctness, visual
-    tokens entering the LLM, average visual tokens per LLM layer, TTFT (s) and prefill FLOPs."""
+    """Greedy answer to one item under `plan` (optionally suffixed " @positions", see `split_positions`);
+    returns the completion, extracted letters, correctness, visual tokens entering the LLM, average visual
+    tokens per LLM layer, TTFT (s) and prefill FLOPs."""
     from transformers import StoppingCriteriaList
 
     import tokenreduce as tr
@@ -175,7 +186,8 @@ def answer(model, tokenizer, item: Item, visual: np.ndarray, plan: str = "none",
     prompt = P.build_prompt(item.protocol, item.question, item.options, item.kind)
     inputs = M.encode(tokenizer, model, [prompt], visual[None])
     first = _FirstToken()
-    with tr.apply(model, plan, tokenizer=tokenizer) as run:
+    plan, keep_positions = split_positions(plan)
+    with tr.apply(model, plan, tokenizer=tokenizer, keep_positions=keep_positions) as run:
         t0 = time.perf_counter()
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                              stopping_criteria=StoppingCriteriaList([first]))
@@ -434,6 +446,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plans", default=None, help="';'-separated plans instead of every reducer at every budget")
     p.add_argument("--keep", default=",".join(map(str, DEFAULT_KEEP)), help="budgets as fractions of the visual "
                    "tokens (default 0.5,0.25,0.111)")
+    p.add_argument("--keep-positions", action="store_true",
+                   help=f"run every reduced plan with the kept tokens at their full-prompt position ids (rows "
+                        f"labelled '{POSITIONS}'; a plan in --plans may carry the suffix itself)")
     p.add_argument("--blank", action="store_true", help="replace every image/video by a blank one (chance check)")
     p.add_argument("--model-dir", default=None, help="an image or video checkpoint folder instead of the shipped "
                    "defaults (then only the datasets of its kind run)")
@@ -471,6 +486,8 @@ def main(args: argparse.Namespace) -> int:
             plans = ["none", *dict.fromkeys(p.strip() for p in args.plans.split(";") if p.strip() and p != "none")]
         else:
             plans = main_job_plans(model, kind, keep)
+        if args.keep_positions:
+            plans = ["none", *(f"{p} {POSITIONS}" for p in plans if p != "none")]
         items = load_items(root, ds, args.limit)
         records += evaluate(model, tok, items, plans, out / "samples.jsonl", blank=args.blank)
     rows = summarize(records)
@@ -478,7 +495,8 @@ def main(args: argparse.Namespace) -> int:
     print(text)
     (out / "table.txt").write_text(text + "\n")
     meta = {"bench": str(root), "split": args.split, "datasets": datasets, "limit": args.limit, "blank": args.blank,
-            "threads": torch.get_num_threads(), "max_new_tokens": 4, "frames": M.NUM_FRAMES,
+            "threads": torch.get_num_threads(), "keep_positions": args.keep_positions, "max_new_tokens": 4,
+            "frames": M.NUM_FRAMES,
             "extractor": {"images": "mlvu paren", "mlvu": "mlvu paren", "videomme": "lmms-eval legacy"}}
     (out / "summary.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     png = plot(rows, out / "accuracy_vs_tokens.png")

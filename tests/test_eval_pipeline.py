@@ -79,6 +79,35 @@ def test_main_job_runs_end_to_end_and_resumes(tmp_path: Path, image_checkpoint):
     assert len((out / "samples.jsonl").read_text().splitlines()) == n
 
 
+def test_keep_positions_rows_are_their_own_series(tmp_path: Path, image_checkpoint):
+    """--keep-positions runs every reduced plan with the " @positions" suffix, and `answer` turns the suffix
+    into kept positions: the LLM's prefill sees position ids up to the full prompt's length, not the reduced."""
+    p = argparse.ArgumentParser()
+    E.add_arguments(p)
+    args = p.parse_args(["--bench", str(tmp_path / "bench"), "--datasets", "images", "--limit", "2",
+                         "--plans", "none;random(tokens=8)", "--keep-positions", "--model-dir", str(image_checkpoint),
+                         "--out", str(tmp_path / "out"), "--threads", "2"])
+    assert E.main(args) == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert {r["plan"] for r in summary["rows"]} == {"none", "random(tokens=8) @positions"}
+    assert summary["meta"]["keep_positions"] is True
+    assert E.split_positions("pool(tokens=16) @positions") == ("pool(tokens=16)", True)
+    assert E.split_positions("pool(tokens=16)") == ("pool(tokens=16)", False)
+    model, tok = M.load(image_checkpoint)
+    item = E.load_items(Path(summary["meta"]["bench"]), "images", 1)[0]
+    seen = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda m, a, kw: seen.append((kw["inputs_embeds"].shape[1], int(kw["position_ids"].max()))), with_kwargs=True)
+    try:
+        for plan in ("random(tokens=8)", "random(tokens=8) @positions"):
+            seen.clear()
+            assert E.answer(model, tok, item, E.load_visual(item), plan)["tokens"] == 8
+            length, last = seen[0]  # the prefill
+            assert last == (length - 1 if "@" not in plan else length - 1 + 64 - 8), plan
+    finally:
+        hook.remove()
+
+
 def test_training_script_checkpoints_and_resumes(tmp_path: Path, capsys):
     """A few steps of the real training script; a second run with more steps resumes instead of restarting."""
     from tokenreduce.eval import train as T

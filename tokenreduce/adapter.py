@@ -284,11 +284,7 @@ class PlaceholderAdapter(Adapter):
         kw.update(kw.pop("kwargs", {}))
         if not self._has_visual(kw) or _cache_len(kw.get("past_key_values")) > 0:
             return orig(*args, **kwargs)
-        if kw.get("position_ids") is not None:
-            raise InputError(
-                "position_ids cannot be combined with visual-token reduction: the reduced sequence gets "
-                "its own consecutive positions; leave position_ids=None"
-            )
+        _no_position_ids(kw)
         prep = self._prepare(kw, "forward")
         kw.update(prep)
         if kw.get("labels") is not None:
@@ -296,7 +292,7 @@ class PlaceholderAdapter(Adapter):
                 raise InputError("labels cannot be combined with in-LLM (PREFILL) reduction: the loss would "
                                  "cover a shorter sequence than the labels")
             kw["labels"] = self._map_labels(kw["labels"], self._call.positions, self._visual_mask)
-        if bool((kw["attention_mask"] == 0).any()):
+        if "position_ids" not in prep and bool((kw["attention_mask"] == 0).any()):
             kw["position_ids"] = (kw["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
         try:
             return orig(**kw)
@@ -313,6 +309,7 @@ class PlaceholderAdapter(Adapter):
             kw["input_ids"] = kw.pop("inputs")
         if not self._has_visual(kw):
             return orig(*args, **kwargs)
+        _no_position_ids(kw)
         caller_ids = kw["input_ids"]
         prep = self._prepare(kw, "generate")
         kw.update(prep)
@@ -425,7 +422,11 @@ class PlaceholderAdapter(Adapter):
                     protected[b] = torch.isin(positions[b], v.position[key > 0]) & self._visual_mask[b]
             self._engine.arm(self._visual_mask, protected, contexts)
         handle.report.calls.append(call)
-        return {"input_ids": ids, "attention_mask": new_mask, "mm_encoder_outputs": self.pack(feats)}
+        out = {"input_ids": ids, "attention_mask": new_mask, "mm_encoder_outputs": self.pack(feats)}
+        if handle.keep_positions:  # each slot's rank among the caller's real tokens; padding slots get 0
+            rank = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            out["position_ids"] = torch.where(positions >= 0, rank.gather(1, positions.clamp(min=0)), 0)
+        return out
 
     def _original_tokens(
         self, input_ids: Tensor, mask: Tensor, vis: VisualInputs
@@ -518,6 +519,15 @@ def _original_index(v: VisualTokens) -> Tensor:
     offsets = torch.cumsum(sizes, 0) - sizes
     widths = torch.tensor([w for _, w in v.grids], device=v.item.device)
     return offsets[v.item] + v.row * widths[v.item] + v.col
+
+
+def _no_position_ids(kw: dict[str, Any]) -> None:
+    if kw.get("position_ids") is not None:
+        raise InputError(
+            "position_ids cannot be combined with visual-token reduction: the reduced sequence's positions are "
+            "set by the plan (consecutive, or the full prompt's with attach(..., keep_positions=True)); "
+            "leave position_ids=None"
+        )
 
 
 def _cache_len(cache) -> int:

@@ -23,9 +23,12 @@ class Handle:
         plan: the attached plan.
         adapter: the model family's adapter instance.
         report: every call made while attached (`report.last`, or attribute access for the latest).
+        keep_positions: whether the tokens that enter the LLM keep the position ids they had in the full
+            prompt (see `attach`).
     """
 
-    def __init__(self, model: nn.Module, plan: Plan | str, sync_timing: bool = False, tokenizer=None):
+    def __init__(self, model: nn.Module, plan: Plan | str, sync_timing: bool = False, tokenizer=None,
+                 keep_positions: bool = False):
         if isinstance(plan, str):
             plan = Plan.parse(plan)
         elif not isinstance(plan, Plan):
@@ -34,6 +37,7 @@ class Handle:
         self.plan = plan
         self.sync_timing = sync_timing
         self.tokenizer = tokenizer
+        self.keep_positions = bool(keep_positions)
         self.adapter = adapter_for(model)(model)
         self.adapter.check(plan)
         self.report = Report(plan=str(plan))
@@ -82,19 +86,29 @@ class Handle:
         return batch
 
 
-def attach(model: nn.Module, plan: Plan | str, sync_timing: bool = False, tokenizer=None) -> Handle:
-    """Attach `plan` to `model` until `handle.detach()`; see `apply` for the with-block form."""
-    return Handle(model, plan, sync_timing=sync_timing, tokenizer=tokenizer)
+def attach(model: nn.Module, plan: Plan | str, sync_timing: bool = False, tokenizer=None,
+           keep_positions: bool = False) -> Handle:
+    """Attach `plan` to `model` until `handle.detach()`; see `apply` for the with-block form.
+
+    By default the shorter sequence that VISUAL reducers leave gets consecutive position ids, as the papers'
+    code does. `keep_positions=True` gives every token that enters the LLM the position id it had in the full
+    prompt instead (a merged token: the slot it sits in), and decoding continues after the full prompt's
+    length, so rotary position still tells the model where a kept token was. In-LLM pruning keeps positions
+    either way. With a manual decode loop over `forward`, pass the next `position_ids` yourself (the report's
+    `positions` has the caller's slot of every LLM position).
+    """
+    return Handle(model, plan, sync_timing=sync_timing, tokenizer=tokenizer, keep_positions=keep_positions)
 
 
 @contextlib.contextmanager
-def apply(model: nn.Module, plan: Plan | str, sync_timing: bool = False, tokenizer=None) -> Iterator[Handle]:
+def apply(model: nn.Module, plan: Plan | str, sync_timing: bool = False, tokenizer=None,
+          keep_positions: bool = False) -> Iterator[Handle]:
     """Reduce `model` with `plan` inside the block; everything is restored on exit, also on error.
 
     `sync_timing=True` synchronises CUDA around timed stages (accurate times, slower). `tokenizer` lets
-    reducers that read the prompt's text (QuoTA's frame scorer) see it.
+    reducers that read the prompt's text (QuoTA's frame scorer) see it. `keep_positions`: see `attach`.
     """
-    handle = attach(model, plan, sync_timing=sync_timing, tokenizer=tokenizer)
+    handle = attach(model, plan, sync_timing=sync_timing, tokenizer=tokenizer, keep_positions=keep_positions)
     try:
         yield handle
     finally:
