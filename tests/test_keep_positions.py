@@ -9,6 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_image, prompt
+from test_video_adapters import make_inputs
+from tokenreduce.adapters.videollm.zoo import build_video_llm
 
 import tokenreduce as tr
 from tokenreduce.errors import InputError
@@ -24,19 +26,27 @@ def masked_full(inputs, positions: torch.Tensor) -> dict:
     return {**inputs, "attention_mask": mask, "position_ids": rank}
 
 
-@pytest.mark.parametrize("plan", ["random(keep=0.25, seed=1)", "hired(tokens=20)", "random(tokens=7)"])
-def test_pruning_with_kept_positions_is_masking_the_full_model(model, single_inputs, plan):
+def assert_is_masking(model, inputs, plan: str, new_tokens: int) -> torch.Tensor:
+    """Run `plan` with kept positions and check it against the masked full model (logits at every kept slot
+    of sample 0, greedy tokens of the batch); returns the reduced logits."""
     with torch.no_grad(), tr.apply(model, plan, keep_positions=True) as run:
-        out = model(**single_inputs).logits
-        gen = model.generate(**single_inputs, max_new_tokens=6, do_sample=False)
+        out = model(**inputs).logits
+        gen = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
     positions = run.report.calls[0].positions
-    ref_in = masked_full(single_inputs, positions)
+    assert positions.shape[1] < inputs["input_ids"].shape[1]  # something was pruned
+    ref_in = masked_full(inputs, positions)
     with torch.no_grad():
         ref = model(**ref_in).logits
-        ref_gen = model.generate(**ref_in, max_new_tokens=6, do_sample=False)
+        ref_gen = model.generate(**ref_in, max_new_tokens=new_tokens, do_sample=False)
     torch.testing.assert_close(out[0], ref[0, positions[0]], atol=1e-4, rtol=1e-4)
     assert torch.equal(gen, ref_gen)
-    with torch.no_grad(), tr.apply(model, plan) as run:  # the default gives consecutive positions: other logits
+    return out
+
+
+@pytest.mark.parametrize("plan", ["random(keep=0.25, seed=1)", "hired(tokens=20)", "random(tokens=7)"])
+def test_pruning_with_kept_positions_is_masking_the_full_model(model, single_inputs, plan):
+    out = assert_is_masking(model, single_inputs, plan, new_tokens=6)
+    with torch.no_grad(), tr.apply(model, plan):  # the default gives consecutive positions: other logits
         compact = model(**single_inputs).logits
     assert not torch.allclose(compact, out, atol=1e-3)
 
@@ -105,3 +115,11 @@ def test_caller_position_ids_are_refused(models, single_inputs, call):
     position_ids = torch.arange(ids.shape[1])[None]
     with tr.apply(model, "pool(keep=0.5)", keep_positions=True), pytest.raises(InputError, match="position_ids"):
         getattr(model, call)(**single_inputs, position_ids=position_ids)
+
+
+@pytest.mark.parametrize("preset", ["tiny-video-llava", "tiny-onevision", "tiny-next-video"])
+def test_video_adapters_keep_positions_as_masking(preset):
+    """The video adapters share the mechanism: random pruning of a clip with kept positions is the full model
+    with the pruned slots masked out (the extra tokens a model adds, such as frame CLS or newline, included)."""
+    model, tok = build_video_llm(preset, seed=0, attn="sdpa")
+    assert_is_masking(model, make_inputs(model, tok), "random(keep=0.25)", new_tokens=4)
