@@ -201,22 +201,25 @@ def bench_files(tmp_path_factory):
 
 
 @pytest.mark.parametrize("dataset, plan", [("images", "none"), ("images", "hired(keep=0.5)"), ("mlvu", "none"),
-                                           ("videomme", "pool(keep=0.5)")])
+                                           ("videomme", "pool(keep=0.5)"), ("images", "random(keep=0.25) @positions"),
+                                           ("videomme", "pool(keep=0.5) @positions")])
 def test_run_with_options_answers_as_the_main_job_does(bench_files, dataset, plan, capsys):
     """`run --options` on the default model builds the benchmark's prompt and extraction: for every item the
-    chosen letter equals the one the main job's `evaluate.answer` gets for the same file, plan and protocol."""
+    chosen letter equals the one the main job's `evaluate.answer` gets for the same file, plan and protocol
+    (a plan suffixed " @positions" is `run --keep-positions`)."""
     from tokenreduce.eval import evaluate as E
     from tokenreduce.eval import models as M
 
     kind = "image" if dataset == "images" else "video"
     model, tok = M.default_model(kind)
+    cli_plan, keep = E.split_positions(plan)
     for item in bench_files[dataset]:
         want = E.answer(model, tok, item, E.load_visual(item), plan)["pred"]
         media = ["--image", str(item.path)] if kind == "image" else ["--video", str(item.path), "--frames",
                                                                      str(M.NUM_FRAMES)]
-        code, out, err = run_cli(["run", *media, "--plan", plan, "--prompt", item.question, "--options",
-                                  *item.options, "--protocol", item.protocol, "--max-new-tokens", "4", "--json"],
-                                 capsys)
+        code, out, err = run_cli(["run", *media, "--plan", cli_plan, "--prompt", item.question, "--options",
+                                  *item.options, "--protocol", item.protocol, "--max-new-tokens", "4", "--json",
+                                  *(["--keep-positions"] if keep else [])], capsys)
         assert code == 0, err
         got = json.loads(out)
         assert got["letter"] == (want or None) and got["protocol"] == item.protocol
