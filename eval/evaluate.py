@@ -165,7 +165,6 @@ class _FirstToken:
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-@torch.inference_mode()
 def split_positions(plan: str) -> tuple[str, bool]:
     """"pool(tokens=16) @positions" -> ("pool(tokens=16)", True): the suffix runs a plan with the kept tokens at
     their full-prompt position ids (`tr.attach(..., keep_positions=True)`); its rows are their own series."""
@@ -174,6 +173,7 @@ def split_positions(plan: str) -> tuple[str, bool]:
     return plan, False
 
 
+@torch.inference_mode()
 def answer(model, tokenizer, item: Item, visual: np.ndarray, plan: str = "none", max_new_tokens: int = 4
            ) -> dict[str, Any]:
     """Greedy answer to one item under `plan` (optionally suffixed " @positions", see `split_positions`);

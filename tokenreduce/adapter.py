@@ -293,7 +293,7 @@ class PlaceholderAdapter(Adapter):
                                  "cover a shorter sequence than the labels")
             kw["labels"] = self._map_labels(kw["labels"], self._call.positions, self._visual_mask)
         if "position_ids" not in prep and bool((kw["attention_mask"] == 0).any()):
-            kw["position_ids"] = (kw["attention_mask"].long().cumsum(-1) - 1).clamp(min=0)
+            kw["position_ids"] = _mask_positions(kw["attention_mask"])
         try:
             return orig(**kw)
         finally:
@@ -424,7 +424,7 @@ class PlaceholderAdapter(Adapter):
         handle.report.calls.append(call)
         out = {"input_ids": ids, "attention_mask": new_mask, "mm_encoder_outputs": self.pack(feats)}
         if handle.keep_positions:  # each slot's rank among the caller's real tokens; padding slots get 0
-            rank = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            rank = _mask_positions(mask)
             out["position_ids"] = torch.where(positions >= 0, rank.gather(1, positions.clamp(min=0)), 0)
         return out
 
@@ -519,6 +519,11 @@ def _original_index(v: VisualTokens) -> Tensor:
     offsets = torch.cumsum(sizes, 0) - sizes
     widths = torch.tensor([w for _, w in v.grids], device=v.item.device)
     return offsets[v.item] + v.row * widths[v.item] + v.col
+
+
+def _mask_positions(mask: Tensor) -> Tensor:
+    """(B, L) attention mask -> (B, L) long position ids: each slot's rank among the real tokens (padding: 0)."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _no_position_ids(kw: dict[str, Any]) -> None:
