@@ -4,9 +4,12 @@
     with tr.apply(model, "aim-merge(keep=0.25)") as run:
         out = model.generate(**inputs, max_new_tokens=32)
     print(run.report)
+
+    model, processor = tr.load_default("video")   # the shipped default video (or "image") model
 """
 
 from .attach import Handle, apply, attach
+from .defaults import load_default
 from .errors import BudgetError, InputError, PlanError, TokenReduceError, UnsupportedModelError
 from .plan import BudgetedReducer, Context, Plan, Probe, Reducer, Stage, allocate, split_budget
 from .registry import get_reducer, reducers, register_adapter, register_reducer
@@ -33,6 +36,7 @@ __all__ = [
     "apply",
     "attach",
     "get_reducer",
+    "load_default",
     "reducers",
     "register_adapter",
     "register_reducer",
