@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 
+from .errors import EvalError
+
 DEFAULT_REDUCERS = "aim-merge,random,pool"
 #: 50%, 25% and 11% of the visual tokens (288, 144 and 64 of LLaVA-1.5's 576)
 DEFAULT_KEEP = "0.5,0.25,0.111"
@@ -337,16 +339,15 @@ def main(args: argparse.Namespace) -> int:
     from tokenreduce.adapters.llava.zoo import NEXT_PRESETS, PRESETS
     from tokenreduce.adapters.videollm.zoo import PRESETS as VIDEO_PRESETS
 
-    from tokenreduce.cli import CLIError
 
     if args.video:
         if args.preset == "llava-1.5-7b-shape":  # the image default: switch to the video default
             args.preset = "llava-onevision-7b-shape"
         if args.preset not in VIDEO_PRESETS:
-            raise CLIError(f"--preset {args.preset!r}: not a video preset ({', '.join(VIDEO_PRESETS)})")
+            raise EvalError(f"--preset {args.preset!r}: not a video preset ({', '.join(VIDEO_PRESETS)})")
         frames = _number_list(args.frames, "--frames", int, lambda f: f >= 1, "frame counts must be positive")
     elif args.preset not in PRESETS and args.preset not in NEXT_PRESETS:
-        raise CLIError(f"--preset {args.preset!r}: not a built-in preset ({', '.join([*PRESETS, *NEXT_PRESETS])})")
+        raise EvalError(f"--preset {args.preset!r}: not a built-in preset ({', '.join([*PRESETS, *NEXT_PRESETS])})")
     # validate before the (slow) model build; the plan list is built from the same flags later
     if args.budgets:
         _number_list(args.budgets, "--budgets", int, lambda b: b >= 1, "token counts must be positive")
@@ -402,7 +403,6 @@ def _video_inputs(model, tokenizer, frames: int, dtype: torch.dtype, batch: int)
 
 def run_bench(args: argparse.Namespace, model, inputs: dict[str, Any], tokenizer, out: Path, t_start: float) -> int:
     """Measure `stock`, `none` and every plan on `inputs`, round-robin; print the table and write JSON to `out`."""
-    from tokenreduce.cli import CLIError
     from tokenreduce.plan import Plan
 
     dtype = next(model.parameters()).dtype
@@ -413,7 +413,7 @@ def run_bench(args: argparse.Namespace, model, inputs: dict[str, Any], tokenizer
         Plan.parse(plan)  # a bad plan fails here, before anything is measured
     too_big = [b for b in (int(b) for b in (args.budgets or "").split(",") if b) if b > n_visual]
     if too_big:
-        raise CLIError(f"--budgets: {too_big} exceed the {n_visual} visual tokens per image")
+        raise EvalError(f"--budgets: {too_big} exceed the {n_visual} visual tokens per image")
     order: list[str | None] = [None, *plans]  # None: the stock model, nothing attached
     print(f"built {args.preset} ({model.config.text_config.num_hidden_layers} LLM layers) in "
           f"{time.perf_counter() - t_start:.1f}s; {n_visual} visual tokens; {len(order)} measurements x "
@@ -470,12 +470,11 @@ def _cpu_name() -> str:
 
 def _number_list(text: str, flag: str, kind: type, ok, rule: str) -> list:
     """Parse a comma-separated list of numbers for `flag`, raising a one-line CLI error if it is bad."""
-    from tokenreduce.cli import CLIError
 
     try:
         values = [kind(v) for v in text.split(",")]
     except ValueError:
-        raise CLIError(f"{flag} {text!r}: expected comma-separated {kind.__name__} values") from None
+        raise EvalError(f"{flag} {text!r}: expected comma-separated {kind.__name__} values") from None
     if not all(ok(v) for v in values):
-        raise CLIError(f"{flag} {text!r}: {rule}")
+        raise EvalError(f"{flag} {text!r}: {rule}")
     return values

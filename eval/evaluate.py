@@ -186,8 +186,7 @@ def answer(model, tokenizer, item: Item, visual: np.ndarray, plan: str = "none",
     prompt = P.build_prompt(item.protocol, item.question, item.options, item.kind)
     inputs = M.encode(tokenizer, model, [prompt], visual[None])
     first = _FirstToken()
-    plan, keep_positions = split_positions(plan)
-    with tr.apply(model, plan, tokenizer=tokenizer, keep_positions=keep_positions) as run:
+    with tr.apply(model, plan, tokenizer=tokenizer) as run:  # tr.Plan.parse reads the " @positions" option
         t0 = time.perf_counter()
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                              stopping_criteria=StoppingCriteriaList([first]))

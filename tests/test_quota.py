@@ -123,19 +123,29 @@ def test_needle_frame_gets_the_largest_share(onevision):
 
 
 def test_vlm_scorer_equals_the_models_own_yes_probability(onevision):
-    """P(yes)/(P(yes)+P(no)) per frame, batched, from the unreduced model; reported as its own time."""
+    """P(yes)/(P(yes)+P(no)) per frame, batched, from the unreduced model through the Context's services; reported
+    as its own time. The reference asks the model by hand, in its chat format, one frame at a time."""
     model, tok, spec = onevision
     x = video_inputs(tok, spec, PROMPTS[:1], [haystack(needle=2)])
     _, _, call = run(model, tok, x, "quota(tokens=40, resize=pool, batch=3)")
     assert call.times["score:quota"] > 0
-    adapter = adapter_for(model)(model)
-    pixels = x["pixel_values_videos"][0]
     prompt = QuoTA(tokens=1).prompt.format(query="q")
-    got = vlm_yes_probability(adapter, tok, pixels, prompt, batch=3)
+    seen = {}
+
+    def scorer(pixels, question, ctx):  # the services a reducer gets, inside a real reduced call
+        seen["got"] = vlm_yes_probability(ctx, pixels, prompt, batch=3)
+        seen["pixels"] = pixels
+        return seen["got"]
+
+    with torch.no_grad(), tr.apply(model, tr.Plan([QuoTA(tokens=40, scorer=scorer, resize="pool")]), tokenizer=tok):
+        model(**x)
+    got, pixels = seen["got"], seen["pixels"]
+    assert torch.equal(pixels, x["pixel_values_videos"][0])
     yes = tok(" yes", add_special_tokens=False)["input_ids"][0]
     no = tok(" no", add_special_tokens=False)["input_ids"][0]
     for t in (0, 2, 7):
-        inputs = adapter.frame_inputs(tok, pixels[t:t + 1], [prompt])
+        text = "USER: " + spec.token * spec.tokens(1) + "\n" + prompt + " ASSISTANT:"
+        inputs = dict(tok([text], return_tensors="pt"), pixel_values_videos=pixels[t:t + 1][:, None])
         with torch.no_grad():
             logp = torch.log_softmax(model(**inputs).logits[0, -1].float(), -1)
         ids_yes = sorted({tok(w, add_special_tokens=False)["input_ids"][0] for w in (" yes", " Yes", "yes", "Yes")})
@@ -144,6 +154,15 @@ def test_vlm_scorer_equals_the_models_own_yes_probability(onevision):
         ref = torch.sigmoid(logp[ids_yes].logsumexp(0) - logp[ids_no].logsumexp(0))
         torch.testing.assert_close(got[t], ref, atol=1e-5, rtol=0)
     assert yes == no  # the byte tokenizer starts " yes" and " no" with the same space: the scorer skips it
+
+
+def test_context_services_need_an_attached_plan():
+    """A Context made by hand has no model behind it: its services say so instead of failing deep inside."""
+    ctx = tr.Context()
+    for call in (lambda: ctx.ask(input_ids=None), lambda: ctx.generate("hi"), lambda: ctx.chat("hi"),
+                 lambda: ctx.frame_inputs(torch.zeros(1, 3, 8, 8), "hi")):
+        with pytest.raises(tr.UnsupportedModelError, match="attached plan"):
+            call()
 
 
 def test_vlm_scorer_needs_the_tokenizer(onevision):

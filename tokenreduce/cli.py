@@ -104,7 +104,7 @@ def _run_video(args: argparse.Namespace, plan) -> int:
     text = _choice_prompt(args, "video")
     text = f"USER: {spec.token}\n{args.prompt} ASSISTANT:" if text is None else text.replace("<video>", spec.token)
     inputs = video_inputs(tokenizer, spec, [text], [frames.frames])
-    with torch.no_grad(), apply(model, plan, tokenizer=tokenizer, keep_positions=args.keep_positions) as run:
+    with torch.no_grad(), apply(model, plan, tokenizer=tokenizer, keep_positions=args.keep_positions or None) as run:
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     _print_run(args, answer, run, {"frames": frames.indices.tolist(), "timestamps": frames.time_prompt()})
@@ -180,7 +180,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         conversation = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
         text = processor.apply_chat_template(conversation, add_generation_prompt=True)
     inputs = processor(text=text, images=image, return_tensors="pt")
-    with torch.no_grad(), apply(model, plan, keep_positions=args.keep_positions) as run:
+    with torch.no_grad(), apply(model, plan, keep_positions=args.keep_positions or None) as run:
         out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     answer = processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
     _print_run(args, answer, run)
@@ -269,11 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from .errors import TokenReduceError
+    from .eval.errors import EvalError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
-    except (TokenReduceError, CLIError) as e:
+    except (TokenReduceError, CLIError, EvalError) as e:
         print(f"tokenreduce: error: {e}", file=sys.stderr)
         return 2
 

@@ -10,7 +10,9 @@ which hidden state is the visual feature); reducers never see a model family. `r
   in `VisualTokens.scores` (any attention implementation: rows are recomputed from q/k, see attention.py);
 - hands the patch tokens (hidden states) to `EncoderReducer`s after the layers they ask for, and runs the
   remaining layers on what they return: a genuinely shorter sequence per item (items that end up with
-  different lengths are right-padded and the padding keys are masked).
+  different lengths are right-padded and the padding keys are masked);
+- lets an `EncoderReducer` run chosen layers itself (`overrides`/`run_layer`: all items of the call, in
+  order, with per-call `TowerState.scratch`), e.g. to recompute only some tokens of a frame.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +28,51 @@ from torch import Tensor, nn
 from .attention import QKCapture, attention_probs
 from .errors import UnsupportedModelError
 from .plan import Context, Probe, Reducer, Stage
-from .tokens import VisualTokens
+from .tokens import ItemInfo, VisualTokens
+
+if TYPE_CHECKING:
+    from .pipeline import StageRunner
+
+
+@dataclass
+class LayerBranches:
+    """The two residual branches of a pre-LN transformer layer: ``x + attn(x, mask)``, then ``x + mlp(x)``.
+
+    attn: (G, L, D) hidden, mask -> (G, L, D), the attention branch (its layer norm included, residual not added).
+    mlp: (G, L, D) -> (G, L, D), the MLP branch (its layer norm included, residual not added).
+    A reducer that runs a layer itself (`EncoderReducer.run_layer`) may reuse one branch's output for some
+    tokens and recompute it for others; running both on everything equals the layer.
+    """
+
+    attn: Callable[[Tensor, Tensor | None], Tensor]
+    mlp: Callable[[Tensor], Tensor]
+
+
+@dataclass
+class TowerState:
+    """What a tower layer sees besides its (G, L, D) input, for one call (held by `run_tower`, no globals).
+
+    G = tower rows (one per item: image, crop or frame), L = prefix + the longest row's tokens.
+
+    Attributes:
+        mask: (G, 1, 1, L) additive key mask once rows have different lengths, else None.
+        valid: (G, L) bool, real tokens (prefix included); None while every row is full.
+        rows, cols: (G, L) long, each token's row and column in its item's original grid (-1: prefix, padding).
+        items: per tower row, (sample, index of the item within the sample, its `ItemInfo`), in row order;
+            items of a sample are consecutive and in the sample's order (frames in time order).
+        scratch: per-call storage for adapters and reducers (key it by the object that owns the entry); kept
+            for the whole call, so a layer override can carry state (a cached reference frame) across layers.
+        version: changes whenever the tokens change (an ENCODER reducer shortened or merged some), so a
+            layer implementation can cache what it derives from `rows`/`cols` per version.
+    """
+
+    mask: Tensor | None
+    valid: Tensor | None
+    rows: Tensor
+    cols: Tensor
+    items: list[tuple[int, int, ItemInfo]]
+    scratch: dict[Any, Any] = field(default_factory=dict)
+    version: int = 0
 
 
 @dataclass
@@ -34,12 +80,19 @@ class VisionTower:
     """What the core needs to run a vision tower layer by layer (filled by the adapter).
 
     Attributes:
-        embed: pixel values (G, C, H, W) -> (G, prefix + N, Dv), the input of layer 0.
-        layers: the encoder layers; each is called as ``layer(hidden, mask)``.
+        embed: pixel values -> (G, prefix + N, Dv), the input of layer 0 (one row per item, items of every
+            sample in order; rows of different lengths are right-padded and `valid` says which are real).
+        layers: the encoder layers.
         attention: layer -> its attention module (with q_proj/k_proj/head_dim, for `QKCapture`).
         prefix: tokens before the patch grid (1 for a CLS token, 0 for SigLIP).
         feature_layers: hidden-state indices whose patch tokens are the visual features (0 = embeddings,
             i = output of layer i - 1), concatenated along the feature axis when several.
+        run_layer: how layer i runs: ``run_layer(i, hidden, state) -> hidden``. Default ``layers[i](hidden,
+            state.mask)`` (CLIP/SigLIP). Towers with another convention (packed sequences, 2-D rotary,
+            windows: Qwen2-VL) give their own; it must accept any subset of the tokens `state` describes.
+        branches: layer -> its `LayerBranches`, for towers of pre-LN layers (lets a reducer run a layer
+            itself for chosen items, e.g. reusing a reference frame's branch outputs); None if unknown.
+        valid: (G, prefix + N) bool, real tokens of `embed`'s output when rows differ in length; None = all.
     """
 
     embed: Callable[[Tensor], Tensor]
@@ -47,6 +100,9 @@ class VisionTower:
     attention: Callable[[nn.Module], nn.Module]
     prefix: int
     feature_layers: list[int]
+    run_layer: Callable[[int, Tensor, TowerState], Tensor] | None = None
+    branches: Callable[[nn.Module], LayerBranches] | None = None
+    valid: Tensor | None = None
 
     @property
     def num_layers(self) -> int:
@@ -62,26 +118,50 @@ class VisionTower:
             raise UnsupportedModelError(f"vision layer {layer} does not exist: the tower has {n} layers")
         return idx
 
+    def run(self, i: int, hidden: Tensor, state: TowerState) -> Tensor:
+        """Run layer `i` on `hidden` (G, L, D) by the tower's convention."""
+        if self.run_layer is not None:
+            return self.run_layer(i, hidden, state)
+        return self.layers[i](hidden, state.mask)
+
 
 @dataclass
 class EncoderReducer(Reducer):
     """Base of reducers that act inside the vision tower.
 
-    `layers` says after which tower layers `reduce_layer` runs (indices as `VisionTower.resolve` takes
-    them); there the tokens' features are the hidden states of the patch tokens (N, Dv) after that
-    layer, probes of that layer are already in `scores`, and whatever it returns is what the next layers
-    run on.
+    Two hooks, either or both:
+
+    - `layers` says after which tower layers `reduce_layer` runs (indices as `VisionTower.resolve` takes
+      them); there the tokens' features are the hidden states of the patch tokens (N, Dv) after that layer,
+      probes of that layer are already in `scores`, and whatever it returns is what the next layers run on.
+    - `overrides` names layers the reducer runs itself: `run_layer` then replaces the tower's own call for
+      that layer (all rows at once; `state.items` says which row is which item, in order, and
+      `state.scratch` keeps per-call state). Only one reducer may override a given layer.
     """
 
     stage: ClassVar[Stage] = Stage.ENCODER
 
     def layers(self, tower: VisionTower) -> list[int]:
-        raise NotImplementedError(f"{type(self).__name__} must say after which vision layers it acts (layers)")
+        return []
 
     def reduce_layer(
         self, layer: int, tower: VisionTower, batch: list[VisualTokens], contexts: list[Context]
     ) -> list[VisualTokens]:
         raise NotImplementedError(f"{type(self).__name__} must implement reduce_layer")
+
+    def overrides(self, tower: VisionTower) -> list[int]:
+        """Tower layers this reducer runs itself (see `run_layer`)."""
+        return []
+
+    def run_layer(
+        self, layer: int, tower: VisionTower, hidden: Tensor, state: TowerState, contexts: list[Context]
+    ) -> Tensor:
+        """Run tower layer `layer` on `hidden` (G, L, D) and return its output (G, L, D).
+
+        `tower.run(layer, hidden, state)` is the stock computation; `tower.branches` (when not None) gives
+        the layer's attention and MLP branches for a partial recomputation.
+        """
+        raise NotImplementedError(f"{type(self).__name__} must implement run_layer for the layers it overrides")
 
 
 @dataclass
@@ -92,8 +172,6 @@ class TowerRun:
     layers_run: int
     seconds: float
     prefix: Tensor | None = None  # (G, prefix, Dv) the prefix tokens (CLS) at the feature layer
-    stages: list[tuple[str, list[int]]] = field(default_factory=list)
-    times: dict[str, float] = field(default_factory=dict)
 
 
 class _Layout:
@@ -114,6 +192,15 @@ class _Layout:
     def gather(self, hidden: Tensor, prefix: int) -> list[Tensor]:
         return list(hidden[self.rows, prefix + self.cols].split(self.sizes))
 
+    def grid(self, batch: list[VisualTokens], shape: tuple[int, int], prefix: int) -> tuple[Tensor, Tensor]:
+        """(G, L) long grid rows and columns of every token in the tower batch (-1: prefix, padding)."""
+        device = self.rows.device
+        rows = torch.full(shape, -1, dtype=torch.long, device=device)
+        cols = torch.full(shape, -1, dtype=torch.long, device=device)
+        rows[self.rows, prefix + self.cols] = torch.cat([v.row for v in batch]).to(device)
+        cols[self.rows, prefix + self.cols] = torch.cat([v.col for v in batch]).to(device)
+        return rows, cols
+
 
 def run_tower(
     tower: VisionTower,
@@ -122,25 +209,32 @@ def run_tower(
     reducers: list[EncoderReducer],
     probes: list[Probe],
     contexts: list[Context],
-    sync: Callable[[], None] = lambda: None,
+    runner: StageRunner | None = None,
 ) -> TowerRun:
     """Run the tower on `pixel_values` with `reducers` and `probes`; see the module docstring.
 
     Args:
         tower: the adapter's description of its vision tower.
-        pixel_values: (G, C, H, W), one row per item, samples in order and items in order within a sample.
+        pixel_values: the tower's input (one item per row after `embed`), samples in order and items in
+            order within a sample.
         batch: per sample, its original tokens (every patch of every item; features are ignored).
         reducers: ENCODER-stage reducers, in plan order.
         probes: signals to record into `scores`.
         contexts: per-sample contexts, passed to reducers.
+        runner: times the reducers and records their token counts (`tokenreduce.pipeline.StageRunner`).
     """
+    if runner is None:
+        from .pipeline import StageRunner
+
+        runner = StageRunner()
     t0 = time.perf_counter()
+    reduce_before = runner.reduce_seconds()
     first_row, r = [], 0
-    for vt in batch:
+    items: list[tuple[int, int, ItemInfo]] = []
+    for b, vt in enumerate(batch):
         first_row.append(r)
         r += vt.num_items
-    if r != pixel_values.shape[0]:
-        raise ValueError(f"run_tower: {pixel_values.shape[0]} tower inputs for {r} items")
+        items += [(b, j, it) for j, it in enumerate(vt.items)]
     if probes and tower.prefix == 0:
         raise UnsupportedModelError(
             f"{', '.join(p.name for p in probes)} need the CLS token's attention, and this vision tower has none"
@@ -149,11 +243,20 @@ def run_tower(
     for red in reducers:
         for layer in red.layers(tower):
             acts.setdefault(tower.resolve(layer), []).append(red)
+    override: dict[int, EncoderReducer] = {}
+    for red in reducers:
+        for layer in red.overrides(tower):
+            i = tower.resolve(layer)
+            if i in override:
+                raise UnsupportedModelError(
+                    f"{override[i].name} and {red.name} both run vision layer {i} themselves; only one may"
+                )
+            override[i] = red
     probe_at: dict[int, list[Probe]] = {}
     for p in probes:
         probe_at.setdefault(tower.resolve(p.layer), []).append(p)
     feat_layers = sorted(tower.feature_layers)
-    last = max([feat_layers[-1] - 1, *acts, *probe_at])
+    last = max([feat_layers[-1] - 1, *acts, *probe_at, *override])
     if acts and len(feat_layers) > 1 and min(acts) < feat_layers[-1] - 1 and min(acts) >= feat_layers[0] - 1:
         raise UnsupportedModelError(
             f"the visual features concatenate several vision layers {feat_layers}; tokens cannot be merged "
@@ -162,8 +265,12 @@ def run_tower(
 
     layout = _Layout(batch, first_row)
     hidden = tower.embed(pixel_values)
-    mask: Tensor | None = None  # (G, 1, 1, L) additive, once items have different lengths
-    key_valid: Tensor | None = None  # (G, L) bool
+    if hidden.shape[0] != r:
+        raise ValueError(f"run_tower: {hidden.shape[0]} tower inputs for {r} items")
+    key_valid = tower.valid  # (G, L) bool, once items have different lengths
+    rows, cols = layout.grid(batch, tuple(hidden.shape[:2]), tower.prefix)
+    state = TowerState(mask=None if key_valid is None else _additive(key_valid, hidden.dtype), valid=key_valid,
+                       rows=rows, cols=cols, items=items)
     feats: dict[int, list[Tensor]] = {}
     run = TowerRun(batch=batch, layers_run=last + 1, seconds=0.0)
     prefix: dict[int, Tensor] = {}
@@ -173,7 +280,12 @@ def run_tower(
     modules = {i: tower.attention(tower.layers[i]) for i in probe_at}
     with QKCapture(modules) as cap:
         for i in range(last + 1):
-            hidden = tower.layers[i](hidden, mask)
+            if i in override:
+                red = override[i]
+                with runner.timed(f"reduce:{red.name}", contexts):
+                    hidden = red.run_layer(i, tower, hidden, state, contexts)
+            else:
+                hidden = tower.run(i, hidden, state)
             if i in probe_at:
                 cls = attention_probs(cap.q[i][:, :, :1], cap.k[i], cap.scaling(i), mask=key_valid)
                 cls = cls.sum(1)[:, 0, tower.prefix :]  # (G, L - prefix)
@@ -185,32 +297,27 @@ def run_tower(
                 cur = layout.gather(hidden, tower.prefix)
                 batch = [v.with_features(f) for v, f in zip(batch, cur)]
                 for red in acts[i]:
-                    sync()
-                    t1 = time.perf_counter()
-                    out = red.reduce_layer(i, tower, batch, contexts)
-                    sync()
-                    run.times[f"reduce:{red.name}"] = run.times.get(f"reduce:{red.name}", 0.0) + (
-                        time.perf_counter() - t1
-                    )
-                    if len(out) != len(batch):
-                        raise RuntimeError(f"{red.name} returned {len(out)} samples for a batch of {len(batch)}")
+                    with runner.timed(f"reduce:{red.name}", contexts):
+                        out = red.reduce_layer(i, tower, batch, contexts)
+                    runner.check(red, out, batch)
                     batch = [v.select(torch.argsort(v.item, stable=True)) for v in out]
                     # counted like the LLM will see them: tokens with a placeholder (not anyres padding)
-                    counts = [int((v.position >= 0).sum()) for v in batch]
-                    if (red.name, counts) not in run.stages[-1:]:
-                        run.stages.append((red.name, counts))
+                    runner.record(red.name, [int((v.position >= 0).sum()) for v in batch], repeat=False)
                 layout = _Layout(batch, first_row)
                 hidden, key_valid = _rebuild(hidden, batch, layout, tower.prefix)
-                mask = None if key_valid is None else _additive(key_valid, hidden.dtype)
+                state.mask = None if key_valid is None else _additive(key_valid, hidden.dtype)
+                state.valid = key_valid
+                state.rows, state.cols = layout.grid(batch, tuple(hidden.shape[:2]), tower.prefix)
+                state.version += 1
             if i + 1 in feat_layers:
                 feats[i + 1] = layout.gather(hidden, tower.prefix)
                 prefix[i + 1] = hidden[:, : tower.prefix]
     per_layer = [feats[f] for f in tower.feature_layers]
     features = per_layer[0] if len(per_layer) == 1 else [torch.cat(fs, -1) for fs in zip(*per_layer)]
-    sync()
+    runner.sync()
     run.batch = [v.with_features(f) for v, f in zip(batch, features)]
     run.prefix = torch.cat([prefix[f] for f in tower.feature_layers], -1)
-    run.seconds = time.perf_counter() - t0 - sum(run.times.values())
+    run.seconds = time.perf_counter() - t0 - (runner.reduce_seconds() - reduce_before)
     return run
 
 

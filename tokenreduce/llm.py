@@ -48,26 +48,31 @@ and check the keep rule), one after the decode cut; none on other layers or in d
 
 Limitations: `sdpa` and `eager` attention only; `DynamicCache` with full-attention layers only (static,
 sliding-window and quantized caches raise `UnsupportedModelError`); a prefill must start from an empty cache;
-`arm()` must describe the batch the decoder really receives (after `generate` expands it for
-`num_return_sequences`/beams); reordering the batch of a reduced cache (beam search across samples with
-different layouts) is not supported; `generate(use_cache=False)` reduces only its first forward.
+`arm()` describes the batch before `generate` expands it for `num_return_sequences`/beams (each sample's rows are
+then identical copies with identical layouts, so beam search may reorder rows within a sample); reordering rows
+across samples of a reduced cache is not supported; `generate(use_cache=False)` reduces only its first forward.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from .attention import QKCapture, attention_probs, rotate_half
 from .errors import InputError, PlanError, UnsupportedModelError
+from .hooks import Hook
 from .plan import Reducer, Stage
+
+if TYPE_CHECKING:
+    from .pipeline import StageRunner
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 
@@ -335,12 +340,15 @@ class _Armed:
     visual: Tensor
     protected: Tensor
     contexts: Any
+    runner: StageRunner | None = None
 
 
 class _Prefill:
     """State of one armed prefill call."""
 
-    def __init__(self, layout: _Layout, n_visual0: Tensor, max_after: int, impl: str, contexts: Any, n: int):
+    def __init__(self, layout: _Layout, n_visual0: Tensor, max_after: int, impl: str, contexts: Any, n: int,
+                 runner: StageRunner | None = None):
+        self.runner = runner
         self.layout = layout
         self.length0 = layout.index.shape[1]
         self.n_visual0 = n_visual0
@@ -442,12 +450,16 @@ class PrefillEngine:
         if self._handles:
             return
         lm = self.language_model
-        self._handles.append(lm.register_forward_pre_hook(self._on_call, with_kwargs=True))
-        self._handles.append(lm.register_forward_hook(self._on_return, with_kwargs=True))
+        self._handles.append(lm.register_forward_pre_hook(Hook(self._on_call), with_kwargs=True))
+        self._handles.append(lm.register_forward_hook(Hook(self._on_return), with_kwargs=True))
         for i, layer in enumerate(self.layers):
-            self._handles.append(layer.register_forward_pre_hook(self._layer_pre(i), with_kwargs=True))
+            self._handles.append(layer.register_forward_pre_hook(Hook(self._layer_pre(i)), with_kwargs=True))
             if i in self._acts:
-                self._handles.append(layer.register_forward_hook(self._layer_post(i)))
+                self._handles.append(layer.register_forward_hook(Hook(self._layer_post(i))))
+
+    def hook_handles(self) -> list[Any]:
+        """The handles of every hook this engine registered (for `hooks.strip_copies`)."""
+        return list(self._handles)
 
     def remove(self) -> None:
         """Remove every hook and forget all state; the model is as if never touched."""
@@ -458,13 +470,15 @@ class PrefillEngine:
             self._session.capture.__exit__(None, None, None)
         self._armed = self._session = self._track = self._step = None
 
-    def arm(self, visual: Tensor, protected: Tensor | None = None, contexts: Any = None) -> None:
+    def arm(self, visual: Tensor, protected: Tensor | None = None, contexts: Any = None,
+            runner: StageRunner | None = None) -> None:
         """Reduce the next prefill call of the decoder stack.
 
         Args:
             visual: (B, L) bool, visual tokens of the exact sequence (B, L) the next prefill will receive.
             protected: (B, L) bool, visual tokens no reducer may drop (e.g. MustDrop's key set); default none.
             contexts: passed to every reducer's `select` (and the decode `CacheState`).
+            runner: times every reducer's `select`/`cut` into a call report (`pipeline.StageRunner`).
         """
         if not self._handles:
             raise RuntimeError("PrefillEngine.arm() before install()")
@@ -476,7 +490,7 @@ class PrefillEngine:
             raise InputError(
                 f"arm(protected=...) must have the shape of visual {tuple(visual.shape)}, got {_describe(protected)}"
             )
-        self._armed = _Armed(visual.bool(), protected.bool() & visual.bool(), contexts)
+        self._armed = _Armed(visual.bool(), protected.bool() & visual.bool(), contexts, runner)
 
     def disarm(self) -> None:
         """Forget a pending arm()."""
@@ -546,6 +560,15 @@ class PrefillEngine:
     def _start_prefill(self, call: dict, x: Tensor) -> None:
         armed, self._armed = self._armed, None
         b, length = x.shape[:2]
+        b0 = armed.visual.shape[0]
+        if b != b0 and b0 and b % b0 == 0 and armed.visual.shape[1] == length:
+            # generate expanded every sample into b // b0 identical rows (beams, num_return_sequences), in order
+            k = b // b0
+            contexts = armed.contexts
+            if isinstance(contexts, (list, tuple)) and len(contexts) == b0:
+                contexts = [c for c in contexts for _ in range(k)]
+            armed = _Armed(armed.visual.repeat_interleave(k, 0), armed.protected.repeat_interleave(k, 0), contexts,
+                           armed.runner)
         if tuple(armed.visual.shape) != (b, length):
             raise InputError(
                 f"PrefillEngine was armed for a (batch, length) = {tuple(armed.visual.shape)} sequence, "
@@ -573,7 +596,8 @@ class PrefillEngine:
         after = valid & ~visual & (slot > last_visual[:, None])
         counts, vis_counts, after_counts = torch.stack([valid.sum(1), visual.sum(1), after.sum(1)]).tolist()
         layout = _Layout(slot.masked_fill(~valid, -1), valid, visual, protected, after, counts, vis_counts, stock=True)
-        self._session = _Prefill(layout, visual.sum(1), max(after_counts), impl, armed.contexts, self.num_layers)
+        self._session = _Prefill(layout, visual.sum(1), max(after_counts), impl, armed.contexts, self.num_layers,
+                                 armed.runner)
         self._session.cache = cache
 
     def _layer_pre(self, i: int) -> Callable:
@@ -657,7 +681,8 @@ class PrefillEngine:
         with torch.no_grad():
             keeps = []
             for r in reducers:
-                k = r.select(view, s.contexts)
+                with _timed(s.runner, r):
+                    k = r.select(view, s.contexts)
                 if not isinstance(k, Tensor) or k.shape != lay.valid.shape:
                     raise PlanError(
                         f"{r.name}: select() must return a (batch, length) = {tuple(lay.valid.shape)} bool "
@@ -718,7 +743,9 @@ class PrefillEngine:
         owner: dict[int, str] = {}
         with torch.no_grad():
             for r in self.decode:
-                for layer, k in r.cut(state).items():
+                with _timed(s.runner, r):
+                    cut = r.cut(state)
+                for layer, k in cut.items():
                     if not 0 <= layer < self.num_layers:
                         raise PlanError(f"{r.name}: cut layer {layer} is outside 0..{self.num_layers - 1}")
                     lay = layouts[layer]
@@ -846,6 +873,13 @@ class PrefillEngine:
             select_s=s.select_s,
             cut_s=cut_s,
         )
+
+
+def _timed(runner: StageRunner | None, reducer: Reducer) -> Any:
+    """The runner's timer for `reducer` (its "reduce:<name>" time), or nothing when the engine runs alone."""
+    if runner is None:
+        return contextlib.nullcontext()
+    return runner.timed(f"reduce:{reducer.name}")
 
 
 def _distinct(layouts: list[_Layout]) -> list[_Layout]:

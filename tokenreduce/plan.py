@@ -8,11 +8,11 @@ import enum
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
-from .errors import BudgetError, PlanError
+from .errors import BudgetError, PlanError, UnsupportedModelError
 from .tokens import VisualTokens
 
 
@@ -29,31 +29,79 @@ class Stage(enum.IntEnum):
         return self.name.lower()
 
 
+class Services(Protocol):
+    """What the pipeline offers reducers for one call (see `Context`); implemented by `tokenreduce.pipeline`."""
+
+    def ask(self, inputs: dict[str, Any]) -> Any: ...
+
+    def generate(self, prompt: str, max_new_tokens: int) -> str: ...
+
+    def frame_inputs(self, pixels: torch.Tensor, prompts: list[str]) -> dict[str, Any]: ...
+
+    def chat(self, text: str, media: str | None) -> str: ...
+
+
 @dataclass
 class Context:
-    """What a reducer may read besides the tokens (filled by the adapter for one model call).
+    """What a reducer may read besides the tokens, for one sample of one model call (filled by the pipeline).
+
+    Reducers get facts and services here, never the model or its adapter: a reducer must not know which
+    model family it runs on.
 
     Attributes:
         sample: index of the sample in the batch.
         batch_size: number of samples in the call.
         query_ids: (T,) long, the caller's non-visual token ids of this sample (the prompt text).
-        model: the model being reduced (reducers must not inspect its family).
-        pixels: (n_items, 3, S, S) the sample's vision-tower inputs (its images, crops or frames), as the
-            model's processor normalised them.
+        pixels: (n_items, ...) the sample's vision-tower inputs (its images, crops or frames), as the model's
+            processor normalised them; (n_items, 3, S, S) for the LLaVA families.
         text: the prompt's text without the visual placeholders (when the handle has a tokenizer).
-        adapter: the model's adapter; `adapter.run_unreduced(**kwargs)` runs the model without the plan,
-            and `adapter.frame_inputs(tokenizer, pixels, prompts)` builds one-frame inputs (for scorers).
+        tokenizer: the handle's tokenizer (`attach(..., tokenizer=...)`), or None.
+        raw_grids: (n_items, h, w, D) the sample's projected features before the model pools them (LLaVA-
+            OneVision video: the 27x27 grid that becomes 14x14), for reducers that resize from the finer
+            grid; None when the model does not pool (the tokens already are the projected grid). Set just
+            before the VISUAL stage.
         times: seconds of named sub-steps a reducer wants reported (e.g. "score:quota").
+
+    Services (they raise `UnsupportedModelError` when the pipeline or the adapter cannot offer them):
+        `ask(**inputs)`: the model's output for `inputs`, unreduced (the plan stays out of it).
+        `generate(prompt, max_new_tokens)`: the unreduced model's greedy text answer to a text-only prompt.
+        `frame_inputs(pixels, prompt)`: model inputs asking `prompt` about each single frame/image of
+            `pixels` (items of `self.pixels`), in the model's own chat format.
+        `chat(text, media=None)`: `text` as one user turn of the model's chat template, with one image or
+            video placeholder first when `media` is "image" or "video", ending where the answer starts.
     """
 
     sample: int = 0
     batch_size: int = 1
     query_ids: torch.Tensor | None = None
-    model: Any = None
     pixels: torch.Tensor | None = None
     text: str | None = None
-    adapter: Any = None
+    tokenizer: Any = None
+    raw_grids: torch.Tensor | None = None
     times: dict[str, float] = field(default_factory=dict)
+    services: Services | None = field(default=None, repr=False)
+
+    def _svc(self, what: str) -> Services:
+        if self.services is None:
+            raise UnsupportedModelError(f"{what} needs a model: this Context was not made by an attached plan")
+        return self.services
+
+    def ask(self, **inputs: Any) -> Any:
+        """The unreduced model's output (logits, ...) for the model inputs `inputs`."""
+        return self._svc("ask()").ask(inputs)
+
+    def generate(self, prompt: str, max_new_tokens: int = 64) -> str:
+        """The unreduced model's greedy answer (new text only) to the text-only `prompt` (a full chat turn)."""
+        return self._svc("generate()").generate(prompt, max_new_tokens)
+
+    def frame_inputs(self, pixels: torch.Tensor, prompt: str | list[str]) -> dict[str, Any]:
+        """Inputs asking `prompt` (one, or one per frame) about each single frame of `pixels` (n, ...)."""
+        prompts = [prompt] * pixels.shape[0] if isinstance(prompt, str) else list(prompt)
+        return self._svc("frame_inputs()").frame_inputs(pixels, prompts)
+
+    def chat(self, text: str, media: str | None = None) -> str:
+        """`text` as a user turn of the model's chat template (optionally after one image/video placeholder)."""
+        return self._svc("chat()").chat(text, media)
 
 
 @dataclass(frozen=True)
@@ -221,13 +269,26 @@ def allocate(total: int, weights: list[float], caps: list[int]) -> list[int]:
     return share
 
 
+#: plan options written after the reducers, e.g. "pool(tokens=16) @positions" -> Plan.<field> = True
+PLAN_OPTIONS = {"positions": "keep_positions"}
+
+
 @dataclass
 class Plan:
-    """An ordered list of reducers, applied stage by stage."""
+    """An ordered list of reducers, applied stage by stage, and the plan's options.
+
+    Options (written after the reducers in a plan string, each as " @name"):
+        keep_positions ("@positions"): the tokens that enter the LLM keep the 1-D position ids they had in
+            the full prompt instead of consecutive ones (see `tr.attach`); `attach(..., keep_positions=...)`
+            overrides it.
+    """
 
     reducers: list[Reducer] = field(default_factory=list)
+    keep_positions: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.keep_positions, bool):
+            raise PlanError(f"keep_positions must be True or False, got {self.keep_positions!r}")
         self.reducers = list(self.reducers)
         for i, r in enumerate(self.reducers):
             if not isinstance(r, Reducer):
@@ -245,7 +306,8 @@ class Plan:
         return [r for r in self.reducers if r.stage == stage]
 
     def __str__(self) -> str:
-        return "+".join(r.spec() for r in self.reducers) or "none"
+        text = "+".join(r.spec() for r in self.reducers) or "none"
+        return text + "".join(f" @{o}" for o, f in PLAN_OPTIONS.items() if getattr(self, f))
 
     def __len__(self) -> int:
         return len(self.reducers)
@@ -257,9 +319,10 @@ class Plan:
 
         if not isinstance(text, str):
             raise PlanError(f"a plan string is required, got {type(text).__name__}")
+        text, options = _plan_options(text)
         text = text.strip()
         if text in ("", "none"):
-            return cls([])
+            return cls([], **options)
         reducers = []
         for k, part in enumerate(_split_top(text)):
             m = re.fullmatch(r"\s*([A-Za-z_][\w\-.]*)\s*(?:\((.*)\))?\s*", part, flags=re.S)
@@ -282,7 +345,30 @@ class Plan:
                 reducers.append(reducer_cls(**kwargs))
             except TypeError as e:  # wrong value types that the dataclass itself rejects
                 raise PlanError(f"{name}: {e}") from None
-        return cls(reducers)
+        return cls(reducers, **options)
+
+
+def _plan_options(text: str) -> tuple[str, dict[str, bool]]:
+    """Split trailing " @option" words (outside parentheses and quotes) off a plan string."""
+    options: dict[str, bool] = {}
+    rest = text.rstrip()
+    while True:
+        m = re.search(r"(?:^|\s)@([A-Za-z_][\w-]*)$", rest)
+        if m is None:
+            break
+        head = rest[: m.start()]
+        if head.count("(") != head.count(")") or head.count("'") % 2 or head.count('"') % 2:
+            break  # inside an argument: not a plan option
+        name = m.group(1)
+        if name not in PLAN_OPTIONS:
+            raise PlanError(f"unknown plan option @{name}; known: {', '.join('@' + o for o in PLAN_OPTIONS)}")
+        if PLAN_OPTIONS[name] in options:
+            raise PlanError(f"plan option @{name} is given twice in {text!r}")
+        options[PLAN_OPTIONS[name]] = True
+        rest = head.rstrip()
+    if "@" in rest and re.search(r"(?:^|[\s+)])@", rest):
+        raise PlanError(f"plan options (@...) go at the end of the plan, after every reducer: {text!r}")
+    return rest, options
 
 
 def _split_top(text: str) -> list[str]:

@@ -115,10 +115,32 @@ class CallReport:
 
 @dataclass
 class Report:
-    """Every call made while the plan was attached; attribute access reads the latest call."""
+    """The calls made while the plan was attached; attribute access reads the latest call.
+
+    Memory stays bounded on a long-lived handle: only the latest `history` calls are kept (`dropped` counts
+    the older ones), and only the latest `keep_features` calls keep their final token features
+    (`visual[i].features`, the large part); older calls keep every other field (counts, origins, positions,
+    times) and features of shape (N, 0). `attach(..., history=None)` keeps every call, and
+    `keep_features=True` every kept call's features.
+    """
 
     plan: str
     calls: list[CallReport] = field(default_factory=list)
+    history: int | None = 100
+    keep_features: bool | int = 8
+    dropped: int = 0
+
+    def add(self, call: CallReport) -> None:
+        """Append a call; release the features of calls beyond `keep_features` and the calls beyond `history`."""
+        self.calls.append(call)
+        if self.history is not None and len(self.calls) > self.history:
+            extra = len(self.calls) - self.history
+            del self.calls[:extra]
+            self.dropped += extra
+        if self.keep_features is not True and len(self.calls) > int(self.keep_features):
+            old = self.calls[-int(self.keep_features) - 1]
+            if any(v.features.shape[-1] for v in old.visual):
+                old.visual = [v.with_features(v.features.new_zeros(len(v), 0)) for v in old.visual]
 
     @property
     def last(self) -> CallReport:
@@ -127,12 +149,12 @@ class Report:
         return self.calls[-1]
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("_") or name in ("plan", "calls"):
+        if name.startswith("_") or name in ("plan", "calls", "history", "keep_features", "dropped"):
             raise AttributeError(name)
         return getattr(self.last, name)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"plan": self.plan, "calls": [c.to_dict() for c in self.calls]}
+        return {"plan": self.plan, "dropped": self.dropped, "calls": [c.to_dict() for c in self.calls]}
 
     def __str__(self) -> str:
         if not self.calls:

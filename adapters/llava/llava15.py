@@ -6,8 +6,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from tokenreduce.adapter import ImageLayout, PlaceholderAdapter, VisualInputs
-from tokenreduce.encoder import VisionTower
+from tokenreduce.adapter import Adapter, ImageLayout, VisualInputs
+from tokenreduce.encoder import LayerBranches, VisionTower
 from tokenreduce.errors import InputError
 from tokenreduce.flops import TransformerDims
 from tokenreduce.registry import register_adapter
@@ -44,8 +44,22 @@ def hf_vision_tower(vision_model: nn.Module, feature_layer: int | list[int]) -> 
             raise InputError(f"vision_feature_layer {i} does not exist in a {len(layers)}-layer vision tower")
     has_cls = getattr(vm.embeddings, "class_embedding", None) is not None
     return VisionTower(
-        embed=embed, layers=layers, attention=lambda layer: layer.self_attn, prefix=int(has_cls), feature_layers=hs
+        embed=embed, layers=layers, attention=lambda layer: layer.self_attn, prefix=int(has_cls), feature_layers=hs,
+        branches=_pre_ln_branches,
     )
+
+
+def _pre_ln_branches(layer: nn.Module) -> LayerBranches:
+    """The residual branches of a CLIP/SigLIP encoder layer (pre-LN: layer_norm1 -> self_attn, layer_norm2 -> mlp)."""
+    return LayerBranches(
+        attn=lambda x, mask: layer.self_attn(hidden_states=layer.layer_norm1(x), attention_mask=mask)[0],
+        mlp=lambda x: layer.mlp(layer.layer_norm2(x)),
+    )
+
+
+def vicuna_turn(text: str, media_token: str | None) -> str:
+    """A LLaVA-1.5 (vicuna_v1) user turn ending where the answer starts."""
+    return f"USER: {media_token}\n{text} ASSISTANT:" if media_token else f"USER: {text} ASSISTANT:"
 
 
 def feature_options(model: nn.Module, kwargs: dict[str, Any], has_cls: bool = True) -> int | list[int]:
@@ -67,24 +81,28 @@ def feature_options(model: nn.Module, kwargs: dict[str, Any], has_cls: bool = Tr
 
 
 @register_adapter("LlavaForConditionalGeneration")
-class LlavaAdapter(PlaceholderAdapter):
+class LlavaAdapter(Adapter):
     """LLaVA-1.5: one CLIP grid per image (24x24 = 576 tokens for CLIP-L/14-336), projected by an MLP."""
 
     def visual_inputs(self, kwargs: dict[str, Any]) -> VisualInputs | None:
         pixel_values = kwargs.pop("pixel_values", None)
         kwargs.pop("image_sizes", None)
-        self._feature_layer = feature_options(self.model, kwargs)
+        layer = feature_options(self.model, kwargs)
         if pixel_values is None:
             return None
         vc = self.model.config.vision_config
         side = vc.image_size // vc.patch_size
         layouts = [ImageLayout.single((side, side)) for _ in range(pixel_values.shape[0])]
-        return VisualInputs(pixel_values=pixel_values, layouts=layouts)
+        return VisualInputs(pixel_values=pixel_values, layouts=layouts, options={"feature_layer": layer})
 
-    def tower(self) -> VisionTower:
-        layer = getattr(self, "_feature_layer", None)
-        return hf_vision_tower(self.model.model.vision_tower,
-                               self.model.config.vision_feature_layer if layer is None else layer)
+    def feature_layer(self, vis: VisualInputs | None) -> int | list[int]:
+        """The call's `vision_feature_layer` (the model's default when the call gave none)."""
+        if vis is not None and vis.options.get("feature_layer") is not None:
+            return vis.options["feature_layer"]
+        return self.model.config.vision_feature_layer
+
+    def tower(self, vis: VisualInputs | None = None) -> VisionTower:
+        return hf_vision_tower(self.model.model.vision_tower, self.feature_layer(vis))
 
     def project(self, features: Tensor) -> Tensor:
         return self.model.model.multi_modal_projector(features)
@@ -93,7 +111,8 @@ class LlavaAdapter(PlaceholderAdapter):
         tc = self.model.config.text_config
         return config_dims(tc, vocab=tc.vocab_size)
 
-    def vision_dims(self) -> tuple[TransformerDims, int]:
-        vc = self.model.config.vision_config
-        n = (vc.image_size // vc.patch_size) ** 2 + 1
-        return config_dims(vc, gated=False), n
+    def vision_dims(self) -> TransformerDims:
+        return config_dims(self.model.config.vision_config, gated=False)
+
+    def chat(self, text: str, media: str | None = None) -> str:
+        return vicuna_turn(text, {"image": "<image>", "video": "<video>"}.get(media) if media else None)

@@ -73,9 +73,12 @@ def anyres_layout(orig_hw: tuple[int, int], crops_hw: tuple[int, int], side: int
             inside = (y >= top) & (y < bottom) & (x >= left) & (x < right)
             slots.append(torch.where(inside, n + (y - top) * (kept_w + 1) + (x - left), -1))
             owner.append(torch.where(inside, y - top, -1))
+            # a very wide or tall image can leave no mosaic row (or column) after unpadding: its crops then
+            # have no placeholder at all, as in the stock model; spans of at least 1 keep the regions finite
+            span_h, span_w = max(bottom - top, 1), max(kept_w, 1)
             region = (
-                max(0.0, (r * side - top) / (bottom - top)), max(0.0, (c * side - left) / kept_w),
-                min(1.0, ((r + 1) * side - top) / (bottom - top)), min(1.0, ((c + 1) * side - left) / kept_w),
+                max(0.0, (r * side - top) / span_h), max(0.0, (c * side - left) / span_w),
+                min(1.0, ((r + 1) * side - top) / span_h), min(1.0, ((c + 1) * side - left) / span_w),
             )
             items.append(ItemInfo(kind="crop", region=region))
     rows = bottom - top
@@ -103,7 +106,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
         pixel_values = kwargs.pop("pixel_values", None)
         image_sizes = kwargs.pop("image_sizes", None)
-        self._feature_layer = feature_options(self.model, kwargs)
+        layer = feature_options(self.model, kwargs)
         if pixel_values is None:
             return None
         if image_sizes is None:
@@ -138,4 +141,4 @@ class LlavaNextAdapter(LlavaAdapter):
             if 1 + gh * gw != n:
                 raise InputError(f"image of size {s}: {n} tower inputs for a {gh}x{gw} crop grid")
             layouts.append(anyres_layout(s, (gh, gw), side, newline))
-        return VisualInputs(pixel_values=pixel_values, layouts=layouts)
+        return VisualInputs(pixel_values=pixel_values, layouts=layouts, options={"feature_layer": layer})

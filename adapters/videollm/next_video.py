@@ -32,22 +32,22 @@ class LlavaNextVideoAdapter(VideoAdapterMixin, LlavaNextAdapter):
     def visual_inputs(self, kwargs: dict[str, Any]) -> VisualInputs | None:
         videos = kwargs.get("pixel_values_videos")
         if videos is None:
-            self._modality = "image"
             return super().visual_inputs(kwargs)
         self._take_videos(kwargs)
-        self._feature_layer = feature_options(self.model, kwargs)
+        layer = feature_options(self.model, kwargs)
         b, t = videos.shape[:2]
         _, q = self._sides()
-        return VisualInputs(self._frames(videos), [frame_layout(t, (q, q)) for _ in range(b)])
+        return VisualInputs(self._frames(videos), [frame_layout(t, (q, q)) for _ in range(b)], modality="video",
+                            options={"feature_layer": layer})
 
     def tower_tokens(self, vis: VisualInputs, batch: list[VisualTokens]) -> list[VisualTokens]:
-        if self._modality != "video":
+        if vis.modality != "video":
             return batch
         s, _ = self._sides()
         return tower_grid_tokens(batch, (s, s))
 
     def finish_tokens(self, vis: VisualInputs, run: TowerRun, batch: list[VisualTokens]) -> list[VisualTokens]:
-        if self._modality != "video":
+        if vis.modality != "video":
             return super().finish_tokens(vis, run, batch)
         x = full_grid_features(run.batch, "LLaVA-NeXT-Video")
         pooled = self.project(self.model.model.vision_resampler(x))  # (G, q*q, D)

@@ -43,15 +43,18 @@ class LlavaOnevisionAdapter(VideoAdapterMixin, LlavaAdapter):
     def visual_inputs(self, kwargs: dict[str, Any]) -> VisualInputs | None:
         images, videos = self._take_videos(kwargs)
         kwargs.pop("image_sizes_videos", None)
-        self._feature_layer = feature_options(self.model, kwargs, has_cls=self.has_cls())
+        layer = {"feature_layer": feature_options(self.model, kwargs, has_cls=self.has_cls())}
         if images is not None:
-            return self._image_inputs(images, kwargs)
+            vis = self._image_inputs(images, kwargs)
+            vis.options.update(layer)
+            return vis
         if videos is None:
             return None
         b, t = videos.shape[:2]
         _, q = self._sides()
         newline = self.model.model.image_newline
-        return VisualInputs(self._frames(videos), [frame_layout(t, (q, q), newline=newline) for _ in range(b)])
+        return VisualInputs(self._frames(videos), [frame_layout(t, (q, q), newline=newline) for _ in range(b)],
+                            modality="video", options=layer)
 
     def _image_inputs(self, images: Tensor, kwargs: dict[str, Any]) -> VisualInputs:
         from transformers.models.llava_next.modeling_llava_next import (
@@ -119,7 +122,7 @@ class LlavaOnevisionAdapter(VideoAdapterMixin, LlavaAdapter):
 
     def tower_tokens(self, vis: VisualInputs, batch: list[VisualTokens]) -> list[VisualTokens]:
         s, _ = self._sides()
-        if self._modality == "video":
+        if vis.modality == "video":
             return tower_grid_tokens(batch, (s, s))
         if all(lay.tower_items is None for lay in vis.layouts):
             return batch
@@ -132,11 +135,13 @@ class LlavaOnevisionAdapter(VideoAdapterMixin, LlavaAdapter):
                 for n in counts]
 
     def finish_tokens(self, vis: VisualInputs, run: TowerRun, batch: list[VisualTokens]) -> list[VisualTokens]:
-        if self._modality == "video":
-            x = full_grid_features(run.batch, "LLaVA-OneVision")
-            pooled = self.model.model.apply_pooling(self.project(x))  # (G, q*q, D)
-            return [v.with_features(f.flatten(0, 1))
-                    for v, f in zip(batch, pooled.split([v.num_items for v in batch]))]
+        if vis.modality == "video":
+            x = self.project(full_grid_features(run.batch, "LLaVA-OneVision"))  # (G, s*s, D)
+            s, _ = self._sides()
+            per = [v.num_items for v in batch]
+            vis.raw_grids = [g.reshape(-1, s, s, g.shape[-1]) for g in x.split(per)]
+            pooled = self.model.model.apply_pooling(x)  # (G, q*q, D)
+            return [v.with_features(f.flatten(0, 1)) for v, f in zip(batch, pooled.split(per))]
         if all(lay.tower_items is None for lay in vis.layouts):
             return super().finish_tokens(vis, run, batch)
         x = self.project(full_grid_features(run.batch, "LLaVA-OneVision (large images)"))  # (G, s*s, D)
@@ -144,7 +149,7 @@ class LlavaOnevisionAdapter(VideoAdapterMixin, LlavaAdapter):
         feats = []
         for lay in vis.layouts:
             t = next(tiles)
-            feats.append(t.flatten(0, 1) if lay.tower_items is None else _shrink_mosaic(t, lay.shrink))
+            feats.append(t.flatten(0, 1) if lay.tower_items is None else _shrink_mosaic(t, lay.info["shrink"]))
         out, i = [], 0
         for v in batch:
             n_img = max(it.image for it in v.items) + 1
@@ -172,9 +177,8 @@ def _resampled_layout(side: int, grid: tuple[int, int], newline: Tensor, tower_i
         items=[ItemInfo(kind="overview"), ItemInfo(kind="crop")], grids=[(side, side), (h2, w2)], slots=slots,
         length=n + h2 * (w2 + 1), extra_slots=n + torch.arange(h2) * (w2 + 1) + w2,
         extra_owner=torch.cat([torch.full((n,), -1), r]), extra_features=newline[None].expand(h2, -1),
-        tower_items=tower_items,
+        tower_items=tower_items, info={"shrink": shrink},
     )
-    lay.shrink = shrink
     return lay
 
 

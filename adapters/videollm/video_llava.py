@@ -27,11 +27,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class VideoAdapterMixin:
-    """Bookkeeping shared by the video adapters: which modality the current call carries."""
+    """Shared by the video adapters: images or videos per call (`VisualInputs.modality`), one-frame inputs."""
 
-    _modality = "image"
-
-    def _take_videos(self, kwargs: dict[str, Any]) -> tuple[Tensor | None, Tensor | None]:
+    @staticmethod
+    def _take_videos(kwargs: dict[str, Any]) -> tuple[Tensor | None, Tensor | None]:
         images = kwargs.pop("pixel_values", None)
         legacy = kwargs.pop("pixel_values_images", None)
         images = images if images is not None else legacy
@@ -40,28 +39,24 @@ class VideoAdapterMixin:
             raise InputError(
                 "a call with a plan attached carries images or videos, not both; run them as separate calls"
             )
-        self._modality = "video" if videos is not None else "image"
         return images, videos
 
-    def placeholder_ids(self) -> Tensor:
+    def placeholder_ids(self, vis: VisualInputs) -> Tensor:
         cfg = self.model.config
-        return torch.tensor([cfg.video_token_id if self._modality == "video" else cfg.image_token_id])
+        return torch.tensor([cfg.video_token_id if vis.modality == "video" else cfg.image_token_id])
 
-    def pack(self, features: list[Tensor]) -> dict[str, Any]:
+    def pack(self, vis: VisualInputs, features: list[Tensor]) -> dict[str, Any]:
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-        if self._modality == "video":
-            return {"video": BaseModelOutputWithPooling(pooler_output=torch.cat(features)[None])}
-        return {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}
+        if vis.modality == "video":
+            out = BaseModelOutputWithPooling(pooler_output=torch.cat(features)[None])
+            return {"mm_encoder_outputs": {"video": out}}
+        return {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}}
 
     def frame_inputs(self, tokenizer, pixels: Tensor, prompts: list[str]) -> dict[str, Any]:
-        """One-frame videos: `prompts[i]` (with one "<video>") about frame `pixels[i]` (3, S, S)."""
+        """One-frame videos: the question `prompts[i]` (plain text) about frame `pixels[i]` (3, S, S)."""
         spec = self.video_spec()
-        texts = []
-        for p in prompts:
-            if p.count(spec.token) != 1:
-                raise InputError(f"a frame prompt must contain {spec.token!r} exactly once: {p!r}")
-            texts.append(p.replace(spec.token, spec.token * spec.tokens(1)))
+        texts = [self.chat(p, "video").replace(spec.token, spec.token * spec.tokens(1)) for p in prompts]
         enc = tokenizer(texts, padding=True, return_tensors="pt")
         dev = pixels.device
         return {"input_ids": enc["input_ids"].to(dev), "attention_mask": enc["attention_mask"].to(dev),
@@ -78,27 +73,29 @@ class VideoAdapterMixin:
 class VideoLlavaAdapter(VideoAdapterMixin, LlavaAdapter):
     """Video-LLaVA: image tower for images, video tower (CLS kept per frame) for videos."""
 
+    visual_keys = ("pixel_values", "pixel_values_images", "pixel_values_videos")
+
     def visual_inputs(self, kwargs: dict[str, Any]) -> VisualInputs | None:
         images, videos = self._take_videos(kwargs)
-        self._feature_layer = feature_options(self.model, kwargs)
+        layer = {"feature_layer": feature_options(self.model, kwargs)}
         vc = self.model.config.vision_config
         side = vc.image_size // vc.patch_size
         if videos is not None:
             b, t = videos.shape[:2]
-            return VisualInputs(self._frames(videos), [frame_layout(t, (side, side), cls=True) for _ in range(b)])
+            return VisualInputs(self._frames(videos), [frame_layout(t, (side, side), cls=True) for _ in range(b)],
+                                modality="video", options=layer)
         if images is None:
             return None
-        return VisualInputs(images, [ImageLayout.single((side, side)) for _ in range(images.shape[0])])
+        return VisualInputs(images, [ImageLayout.single((side, side)) for _ in range(images.shape[0])], options=layer)
 
-    def tower(self) -> VisionTower:
+    def tower(self, vis: VisualInputs | None = None) -> VisionTower:
         m = self.model.model
-        tower = m.video_tower if self._modality == "video" else m.image_tower
-        layer = getattr(self, "_feature_layer", None)
-        return hf_vision_tower(tower, self.model.config.vision_feature_layer if layer is None else layer)
+        tower = m.video_tower if vis is not None and vis.modality == "video" else m.image_tower
+        return hf_vision_tower(tower, self.feature_layer(vis))
 
     def finish_tokens(self, vis: VisualInputs, run: TowerRun, batch: list[VisualTokens]) -> list[VisualTokens]:
         out = super().finish_tokens(vis, run, batch)
-        if self._modality == "video":  # every frame's CLS, projected, feeds its extra token
+        if vis.modality == "video":  # every frame's CLS, projected, feeds its extra token
             cls = self.project(run.prefix[:, 0])
             per = [lay.extra_slots.numel() for lay in vis.layouts]
             for lay, f in zip(vis.layouts, cls.split(per)):

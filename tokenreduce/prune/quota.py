@@ -40,16 +40,15 @@ from ..plan import BudgetedReducer, Context, Stage, allocate
 from ..registry import get_reducer, register_reducer
 from ..tokens import VisualTokens
 
-FRAME_PROMPT = ("USER: <video>\nDoes this frame contain information that helps to answer the question: {query} "
-                "Answer yes or no. ASSISTANT:")
-OBJECT_PROMPT = ("USER: <video>\nDoes this frame contain any of the following objects: {objects}? "
-                 "Answer yes or no. ASSISTANT:")
+#: the question put to the model about each frame (the model's chat format and the frame are added around it)
+FRAME_PROMPT = "Does this frame contain information that helps to answer the question: {query} Answer yes or no."
+OBJECT_PROMPT = "Does this frame contain any of the following objects: {objects}? Answer yes or no."
 #: QuoTA's chain-of-thought query decoupling, text only: is detection needed, which objects, which are physical
 DECOUPLE_PROMPT = (
-    "USER: Question: {query}\nTo answer the question, follow three steps. Step 1: is it necessary to detect "
+    "Question: {query}\nTo answer the question, follow three steps. Step 1: is it necessary to detect "
     "specific physical objects in the video? Answer yes or no. Step 2: if yes, list the objects to detect as a "
     "Python list. Step 3: keep only physical objects, not abstract concepts, and output the list, or null. "
-    "Answer in the form 'Step 1: ... Step 2: ... Step 3: ...'. ASSISTANT:"
+    "Answer in the form 'Step 1: ... Step 2: ... Step 3: ...'."
 )
 
 
@@ -200,8 +199,7 @@ class QuoTA(BudgetedReducer):
         return out.cpu()
 
     def _vlm_scores(self, ctx: Context) -> Tensor:
-        tok = getattr(ctx.adapter._handle, "tokenizer", None) if ctx.adapter is not None else None
-        if tok is None:
+        if ctx.tokenizer is None:
             raise PlanError(
                 "quota(scorer='vlm') asks the model itself about every frame and needs its tokenizer: "
                 "tr.apply(model, plan, tokenizer=tokenizer), or pass scorer='uniform' or a scorer object"
@@ -209,11 +207,11 @@ class QuoTA(BudgetedReducer):
         prompt = self.prompt.format(query=ctx.text or "")
         if self.decouple:
             t0 = time.perf_counter()
-            objects = decouple_query(ctx.adapter, tok, ctx.text or "")
+            objects = decouple_query(ctx, ctx.text or "")
             ctx.times["decouple:quota"] = ctx.times.get("decouple:quota", 0.0) + time.perf_counter() - t0
             if objects:
                 prompt = OBJECT_PROMPT.format(objects=", ".join(objects))
-        return vlm_yes_probability(ctx.adapter, tok, ctx.pixels, prompt, self.batch)
+        return vlm_yes_probability(ctx, ctx.pixels, prompt, self.batch)
 
 
 def parse_decoupled(text: str) -> list[str] | None:
@@ -240,18 +238,10 @@ def parse_decoupled(text: str) -> list[str] | None:
     return out or None
 
 
-@torch.no_grad()
-def decouple_query(adapter, tokenizer, question: str, max_new_tokens: int = 64) -> list[str] | None:
+def decouple_query(ctx: Context, question: str, max_new_tokens: int = 64) -> list[str] | None:
     """QuoTA step B: the unreduced model, text only, turns the question into objects to look for (or None)."""
-    enc = tokenizer([DECOUPLE_PROMPT.format(query=question)], return_tensors="pt")
-    device = next(adapter.model.parameters()).device
-    adapter._in_generate, call, adapter._call = True, adapter._call, None
-    try:
-        out = adapter.model.generate(**{k: v.to(device) for k, v in enc.items()}, max_new_tokens=max_new_tokens,
-                                     do_sample=False)
-    finally:
-        adapter._in_generate, adapter._call = False, call
-    return parse_decoupled(tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    answer = ctx.generate(ctx.chat(DECOUPLE_PROMPT.format(query=question)), max_new_tokens=max_new_tokens)
+    return parse_decoupled(answer)
 
 
 def _first_id(tokenizer, word: str) -> int:
@@ -262,16 +252,19 @@ def _first_id(tokenizer, word: str) -> int:
 
 
 @torch.no_grad()
-def vlm_yes_probability(adapter, tokenizer, pixels: Tensor, prompt: str, batch: int = 16) -> Tensor:
-    """P(yes) / (P(yes) + P(no)) of the unreduced model answering `prompt` about each frame; (T,) fp32."""
+def vlm_yes_probability(ctx: Context, pixels: Tensor, prompt: str, batch: int = 16) -> Tensor:
+    """P(yes) / (P(yes) + P(no)) of the unreduced model answering `prompt` about each frame of `pixels`; (T,) fp32.
+
+    `prompt` is plain text: `ctx.frame_inputs` puts each frame and the model's chat format around it.
+    """
+    tokenizer = ctx.tokenizer
     yes = [_first_id(tokenizer, w) for w in (" yes", " Yes", "yes", "Yes")]
     no = [_first_id(tokenizer, w) for w in (" no", " No", "no", "No")]
     yes, no = sorted(set(yes) - set(no)), sorted(set(no) - set(yes))
     out = []
     for s in range(0, pixels.shape[0], batch):
         px = pixels[s:s + batch]
-        inputs = adapter.frame_inputs(tokenizer, px, [prompt] * px.shape[0])
-        logits = adapter.run_unreduced(**inputs).logits[:, -1].float()  # left padding: the last is the answer slot
+        logits = ctx.ask(**ctx.frame_inputs(px, prompt)).logits[:, -1].float()  # left padding: the answer slot
         logp = torch.log_softmax(logits, -1)
         p_yes, p_no = logp[:, yes].logsumexp(-1), logp[:, no].logsumexp(-1)
         out.append(torch.sigmoid(p_yes - p_no))
