@@ -74,6 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--video", action="store_true",
                    help="video bench: a video preset (default llava-onevision-7b-shape) at --frames frames")
     p.add_argument("--frames", default="32", help="with --video: comma list of frame counts (default 32)")
+    p.add_argument("--image-size", type=_count(28), default=672,
+                   help="Qwen2-VL presets: the image's side in pixels (default 672: 576 visual tokens)")
 
 
 class PeakRSS:
@@ -217,8 +219,7 @@ def visual_tokens(model, inputs: dict[str, Any]) -> int:
     import tokenreduce as tr
 
     with tr.apply(model, "none") as handle:
-        vis = handle.adapter.visual_inputs({k: v[:1] for k, v in inputs.items()})
-    return sum(int((lay.slots >= 0).sum()) for lay in vis.layouts)
+        return handle.visual_tokens(**inputs)[0]
 
 
 def _ideal(f: dict[str, float], fb: dict[str, float]) -> tuple[float, float]:
@@ -337,6 +338,7 @@ def _write(out: Path, data: dict[str, Any]) -> None:
 def main(args: argparse.Namespace) -> int:
     """Build the model, measure `stock`, `none` and every plan round-robin, print the table, write JSON."""
     from tokenreduce.adapters.llava.zoo import NEXT_PRESETS, PRESETS
+    from tokenreduce.adapters.qwen2vl.zoo import PRESETS as QWEN_PRESETS
     from tokenreduce.adapters.videollm.zoo import PRESETS as VIDEO_PRESETS
 
 
@@ -346,8 +348,9 @@ def main(args: argparse.Namespace) -> int:
         if args.preset not in VIDEO_PRESETS:
             raise EvalError(f"--preset {args.preset!r}: not a video preset ({', '.join(VIDEO_PRESETS)})")
         frames = _number_list(args.frames, "--frames", int, lambda f: f >= 1, "frame counts must be positive")
-    elif args.preset not in PRESETS and args.preset not in NEXT_PRESETS:
-        raise EvalError(f"--preset {args.preset!r}: not a built-in preset ({', '.join([*PRESETS, *NEXT_PRESETS])})")
+    elif args.preset not in PRESETS and args.preset not in NEXT_PRESETS and args.preset not in QWEN_PRESETS:
+        raise EvalError(f"--preset {args.preset!r}: not a built-in preset "
+                        f"({', '.join([*PRESETS, *NEXT_PRESETS, *QWEN_PRESETS])})")
     # validate before the (slow) model build; the plan list is built from the same flags later
     if args.budgets:
         _number_list(args.budgets, "--budgets", int, lambda b: b >= 1, "token counts must be positive")
@@ -357,6 +360,14 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     t_start = time.perf_counter()
+    if args.preset in QWEN_PRESETS:  # images at --image-size pixels (672: 576 merged tokens, LLaVA-1.5's count)
+        from tokenreduce.adapters.qwen2vl.zoo import build_qwen
+
+        model, tokenizer = build_qwen(args.preset, attn=args.attn, dtype=dtype, llm_layers=args.llm_layers,
+                                      vision_layers=args.vision_layers)
+        if torch.cuda.is_available():
+            model = model.cuda()
+        return run_bench(args, model, _qwen_inputs(model, tokenizer, args, dtype), tokenizer, Path(args.out), t_start)
     if not args.video:
         from tokenreduce.adapters.llava.zoo import build_llava_with_processor
 
@@ -380,6 +391,22 @@ def main(args: argparse.Namespace) -> int:
         print(f"--- {n} frames", file=sys.stderr)
         run_bench(args, model, inputs, tokenizer, path, t_start)
     return 0
+
+
+def _qwen_inputs(model, tokenizer, args: argparse.Namespace, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The shipped test image at --image-size x --image-size pixels and a one-question chat turn, --batch times."""
+    from PIL import Image
+    from tokenreduce.adapters.qwen2vl.zoo import qwen_inputs
+
+    path = resources.files("tokenreduce") / "assets" / "shapes.png"
+    with resources.as_file(path) as p:
+        image = Image.open(p).convert("RGB").resize((args.image_size, args.image_size))
+    text = f"<|im_start|>user\n<image>{PROMPT}<|im_end|>\n<|im_start|>assistant\n"
+    side = args.image_size
+    inputs = qwen_inputs(model, tokenizer, [text] * args.batch, images=[[image]] * args.batch,
+                         min_pixels=side * side, max_pixels=side * side)
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return inputs
 
 
 def _video_inputs(model, tokenizer, frames: int, dtype: torch.dtype, batch: int) -> dict[str, torch.Tensor]:

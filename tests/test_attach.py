@@ -16,8 +16,10 @@ from tokenreduce.adapters.videollm.zoo import build_video_llm
 
 import tokenreduce as tr
 
-FAMILIES = ["tiny", "tiny-next", "tiny-video-llava", "tiny-onevision", "tiny-next-video", "tiny-qwen2-vl",
-            "tiny-qwen2.5-vl"]
+slow = pytest.mark.slow
+FAMILIES = ["tiny", pytest.param("tiny-next", marks=slow), pytest.param("tiny-video-llava", marks=slow),
+            pytest.param("tiny-onevision", marks=slow), pytest.param("tiny-next-video", marks=slow), "tiny-qwen2-vl",
+            pytest.param("tiny-qwen2.5-vl", marks=slow)]
 IN_LLM = "aim-merge(keep=0.5)+aim-prune(start=1, step=0.25)"
 
 
@@ -132,8 +134,8 @@ def test_report_history_and_features_are_bounded():
         tr.attach(model, "none", keep_features=-1)
 
 
-@pytest.mark.parametrize("gen", [dict(num_beams=3), dict(num_beams=2, num_return_sequences=2),
-                                 dict(do_sample=True, top_k=20, num_return_sequences=3)])
+@pytest.mark.parametrize("gen", [dict(num_beams=3), pytest.param(dict(num_beams=2, num_return_sequences=2), marks=slow),
+                                 pytest.param(dict(do_sample=True, top_k=20, num_return_sequences=3), marks=slow)])
 def test_in_llm_plans_with_beams_and_several_sequences(gen):
     """generate expands every sample into identical rows: an in-LLM plan that keeps everything is bit-identical
     to the stock model, and a pruning plan gives each sample what it gives that sample alone."""
@@ -168,7 +170,7 @@ def test_in_llm_plans_with_beams_and_several_sequences(gen):
         assert torch.equal(out[b * rows:(b + 1) * rows, width:width + new.shape[1]], new)
 
 
-@pytest.mark.parametrize("size", [(2000, 20), (20, 2000), (600, 1)])
+@pytest.mark.parametrize("size", [pytest.param((2000, 20), marks=slow), (20, 2000), pytest.param((600, 1), marks=slow)])
 def test_llava_next_very_wide_or_tall_images(size):
     """Unpadding can leave an anyres mosaic with no row (or no column); the stock model answers, and so does
     every plan (keep-all bit-identical, the newlines of column-less rows kept)."""

@@ -25,6 +25,8 @@ BAR = {"images": 0.90, "videomme": 0.80, "mlvu": 0.80}
 #: blanked inputs must stay near chance: at most this (4 options; the video count task's answers are not uniform)
 NEAR_CHANCE = 0.42
 SAMPLE = 96
+#: minutes of answering on 2 cores: CI runs these, `pytest -m "not slow"` skips them
+pytestmark = pytest.mark.slow
 
 
 def accuracy(model, tok, items, visuals, blank: bool = False) -> float:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from matrix import case, names
 from tokenreduce.adapters.llava.zoo import build_llava
 
 import tokenreduce as tr
+from tokenreduce.plan import Stage
 
-REDUCERS = ["aim-merge", "random", "pool"]
+#: every registered VISUAL reducer (the first three run in `-m "not slow"`, the rest in CI)
+REDUCERS = names(Stage.VISUAL, fast=("aim-merge", "random", "pool"))
+KEEP_ALL = [case(n).keep_all for n in names(Stage.VISUAL) if case(n).keep_all is not None]
 
 
 def logits(model, inputs):
@@ -21,8 +25,7 @@ def greedy(model, inputs, n=6):
         return model.generate(**inputs, max_new_tokens=n, do_sample=False)
 
 
-@pytest.mark.parametrize("plan", ["none", "aim-merge(keep=1.0)", "random(keep=1.0)", "pool(keep=1.0)",
-                                  "aim-merge(tokens=64)+pool(keep=1.0)"])
+@pytest.mark.parametrize("plan", ["none", "aim-merge(tokens=64)+pool(keep=1.0)", *KEEP_ALL])
 def test_noop_identity(model, single_inputs, plan):
     """A plan that keeps everything gives bit-identical logits and greedy tokens (sdpa and eager)."""
     ref_logits, ref_tokens = logits(model, single_inputs), greedy(model, single_inputs)
@@ -48,7 +51,7 @@ def _explicit_reference(model, inputs, visual: tr.VisualTokens, positions: torch
 @pytest.mark.parametrize("keep", [0.5, 0.25, 0.11])
 def test_explicit_equivalence(model, single_inputs, name, keep):
     """Reduced forward == vanilla LLM on hand-built inputs_embeds of the kept tokens (atol 1e-4)."""
-    with tr.apply(model, f"{name}(keep={keep})") as run:
+    with tr.apply(model, case(name).plan(keep)) as run:
         out = logits(model, single_inputs)
     call = run.report.last
     k = round(keep * 64)
@@ -76,7 +79,7 @@ def test_random_keeps_original_features(models, single_inputs):
 def test_sdpa_eager_same_kept_set(models, single_inputs, name):
     kept, outs = {}, {}
     for attn, model in models.items():
-        with tr.apply(model, f"{name}(keep=0.25)") as run:
+        with tr.apply(model, case(name).plan(0.25)) as run:
             outs[attn] = logits(model, single_inputs)
         kept[attn] = run.report.visual[0]
     assert torch.equal(kept["sdpa"].source, kept["eager"].source)
@@ -88,7 +91,7 @@ def test_sdpa_eager_same_kept_set(models, single_inputs, name):
 def test_batch_equals_each_sample_alone(model, processor, batch_parts, name):
     """A padded batch with ragged kept counts equals every sample run alone (logits and greedy tokens)."""
     texts, images = batch_parts
-    plan = f"{name}(keep=0.25)"
+    plan = case(name).plan(0.25)
     batch = processor(text=texts, images=[i for imgs in images for i in imgs], padding=True, return_tensors="pt")
     with tr.apply(model, plan) as run:
         out_b = logits(model, batch)
@@ -198,7 +201,7 @@ def test_attaching_twice_is_refused(single_inputs):
 def test_half_precision_no_nan(single_inputs, dtype, name):
     model = build_llava("tiny", seed=0, dtype=dtype)
     inputs = dict(single_inputs, pixel_values=single_inputs["pixel_values"].to(dtype))
-    with tr.apply(model, f"{name}(keep=0.25)") as run:
+    with tr.apply(model, case(name).plan(0.25)) as run:
         out = logits(model, inputs)
     assert torch.isfinite(out).all()
     assert run.report.visual[0].features.dtype == dtype

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_image, prompt
+from matrix import case, names
 from tokenreduce.adapters.llava.zoo import build_llava_with_processor
 from tokenreduce.adapters.videollm import video_inputs
 from tokenreduce.adapters.videollm.zoo import build_video_llm
 
 import tokenreduce as tr
+from tokenreduce.plan import Stage
 from tokenreduce.registry import adapter_for
 
 DROPPING = [
@@ -67,6 +69,15 @@ def test_keep_all_in_llm_is_bit_identical(zoo, preset, attn, plan):
     out, tokens, call = run(model, x, plan)
     assert torch.equal(out, ref) and torch.equal(tokens, ref_tokens)
     assert len(set(map(tuple, call.llm_visual))) == 1  # every layer saw every visual token
+
+
+@pytest.mark.parametrize("name", names(Stage.PREFILL, Stage.DECODE, fast=("aim-prune",)))
+def test_every_in_llm_reducer_alone(zoo, name):
+    """Every registered PREFILL/DECODE reducer on its own: a padded batch equals each sample alone, and sdpa
+    gives eager's tokens per layer and cache sizes."""
+    test_batch_equals_each_sample_alone(zoo, "tiny", case(name).plan())
+    calls = [run(zoo["tiny", a][0], inputs(zoo["tiny", a][1]), case(name).plan())[2] for a in ("sdpa", "eager")]
+    assert calls[0].llm_visual == calls[1].llm_visual and calls[0].kv_tokens == calls[1].kv_tokens
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-next"])

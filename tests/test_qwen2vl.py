@@ -172,7 +172,9 @@ def test_sdpa_equals_eager(zoo, preset):
         calls.append(call)
         outs.append(out)
     assert torch.equal(calls[0].visual[0].source, calls[1].visual[0].source)
-    torch.testing.assert_close(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+    assert torch.equal(calls[0].positions, calls[1].positions)
+    real = calls[0].positions >= 0  # padding rows attend to nothing real: their logits are noise in both
+    torch.testing.assert_close(outs[0][real], outs[1][real], atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -184,7 +186,8 @@ def test_in_llm_pruning_runs_and_reports_the_real_cache(zoo, preset, name):
     _sharpen(model)
     try:
         xb = images_in(model, tok)
-        plan = case(name).plan()
+        # MustDrop's thresholds for these tiny decoders (the matrix's are tuned on the LLaVA ones)
+        plan = case(name).plan().replace("global_thr=0.035", "global_thr=0.05")
         with torch.no_grad(), tr.apply(model, plan) as h:
             out = model(**xb, use_cache=True)
         call = h.report.last
@@ -244,3 +247,27 @@ def test_report_counts_and_flops(zoo):
     assert call.tokens() == [n // 4, n // 4]
     assert [it.kind for it in call.visual[0].items] == ["frame", "frame"]  # 4 frames = 2 temporal patches
     assert call.flops["llm_prefill"] < call.flops["llm_prefill_full"] and call.flops["vision"] > 0
+
+
+def test_visual_tokens_count_without_running_the_model(zoo):
+    model, tok = zoo["tiny-qwen2-vl", "sdpa"]
+    x = images_in(model, tok)
+    with tr.apply(model, "none") as h:
+        counts = h.visual_tokens(**x)
+    assert counts == [int((x["input_ids"][b] == model.config.image_token_id).sum()) for b in range(2)] == [24, 20]
+    assert h.report.calls == []
+
+
+def test_bench_runs_on_a_qwen_preset(tmp_path):
+    """`tokenreduce bench --preset tiny-qwen2-vl`: the JSON has the unreduced row and the plan, with its tokens."""
+    import json
+
+    from tokenreduce.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--preset", "tiny-qwen2-vl", "--image-size", "112", "--plans", "pool(keep=0.25)",
+                 "--repeats", "1", "--warmup", "0", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["visual_tokens_per_image"] == 16
+    assert [r["plan"] for r in data["results"]] == ["none", "pool(keep=0.25)"]
+    assert data["results"][1]["visual_tokens"] == 4 and data["results"][1]["prefill_efficiency"] > 0

@@ -5,14 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from matrix import case, names
 from tokenreduce.adapters.videollm import video_inputs
 from tokenreduce.adapters.videollm.zoo import build_video_llm
 
 import tokenreduce as tr
+from tokenreduce.plan import Stage
 from tokenreduce.registry import adapter_for
 
 PRESETS = ["tiny-video-llava", "tiny-onevision", "tiny-next-video"]
-REDUCERS = ["aim-merge", "random", "pool"]
+#: every registered VISUAL reducer (the first three run in `-m "not slow"`, the rest in CI)
+REDUCERS = names(Stage.VISUAL, fast=("aim-merge", "random", "pool"))
 PROMPTS = ["USER: <video>\nWhat happens in the video? ASSISTANT:", "USER: <video>\nColour? ASSISTANT:"]
 
 
@@ -80,8 +83,10 @@ def test_explicit_equivalence(zoo, preset):
 @pytest.mark.parametrize("name", REDUCERS)
 def test_batch_equals_each_sample_alone(zoo, preset, name):
     model, tok = zoo[preset, "sdpa"]
+    if case(name).cls and not adapter_for(model)(model).has_cls():
+        pytest.skip(f"{name} needs a CLS token; {preset}'s tower has none (refusal tested below)")
     xb = make_inputs(model, tok, n=2)
-    plan = f"{name}(keep=0.25)"
+    plan = case(name).plan(0.25)
     out_b, gen_b, call_b = run(model, xb, plan)
     width = xb["input_ids"].shape[1]
     spec = adapter_for(model)(model).video_spec()
@@ -221,9 +226,9 @@ def test_every_visual_reducer_from_a_video_file(zoo, preset, tmp_path):
     write_video(path, np.concatenate(clips(1, frames=24)), fps=8)
     frames = load_video(path, num_frames=4)
     x = video_inputs(tok, adapter_for(model)(model).video_spec(), PROMPTS[:1], [frames.frames])
-    for name in ["aim-merge", "random", "pool", "hired", "quota"]:
-        plan = f"{name}(keep=0.25)"
-        if name == "hired" and preset == "tiny-onevision":  # SigLIP: no CLS token to score with
+    plans = [(n, case(n).plan(0.25)) for n in names(Stage.VISUAL)] + [("quota", "quota(keep=0.25)")]  # + vlm scorer
+    for name, plan in plans:
+        if case(name).cls and preset == "tiny-onevision":  # SigLIP: no CLS token to score with
             with pytest.raises(tr.UnsupportedModelError, match="CLS"):
                 tr.attach(model, plan)
             continue

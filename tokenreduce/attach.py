@@ -65,6 +65,11 @@ class Handle:
         self._pipeline.install()
         self.attached = True
 
+    def visual_tokens(self, **inputs) -> list[int]:
+        """Visual tokens per sample of the model inputs `inputs`, as budgets count them (the tokens a `keep=`
+        fraction applies to: grid tokens that enter the LLM, no newline or CLS extras); runs no model."""
+        return self._pipeline.visual_tokens(inputs)
+
     def detach(self) -> None:
         """Remove every hook and patch; the model is again exactly the model it was."""
         if self.attached:

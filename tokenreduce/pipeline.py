@@ -465,6 +465,20 @@ class Pipeline:
         self.report.add(call)
         return out, call
 
+    def visual_tokens(self, inputs: dict[str, Any]) -> list[int]:
+        """Visual tokens per sample of `inputs`, as budgets count them (grid tokens the LLM would see; extra
+        tokens such as newlines not counted), without running the model."""
+        kw = dict(inputs)
+        input_ids = kw.get("input_ids")
+        if input_ids is None:
+            raise InputError("visual_tokens needs input_ids with the processor's placeholder tokens")
+        mask = kw.get("attention_mask")
+        vis = self.adapter.visual_inputs(kw)
+        if vis is None:
+            return [0] * input_ids.shape[0]
+        batch, _, _ = self._original_tokens(input_ids, torch.ones_like(input_ids) if mask is None else mask, vis)
+        return [int((v.position >= 0).sum()) for v in batch]
+
     def _original_tokens(
         self, input_ids: Tensor, mask: Tensor, vis: VisualInputs
     ) -> tuple[list[VisualTokens], list[tuple[list[int], Tensor, Tensor]], list[Context]]:

@@ -58,8 +58,8 @@ class Context:
         tokenizer: the handle's tokenizer (`attach(..., tokenizer=...)`), or None.
         raw_grids: (n_items, h, w, D) the sample's projected features before the model pools them (LLaVA-
             OneVision video: the 27x27 grid that becomes 14x14), for reducers that resize from the finer
-            grid; None when the model does not pool (the tokens already are the projected grid). Set just
-            before the VISUAL stage.
+            grid; None when the model does not pool (the tokens already are the projected grid) or pools
+            before projecting (LLaVA-NeXT-Video). Set just before the VISUAL stage.
         times: seconds of named sub-steps a reducer wants reported (e.g. "score:quota").
 
     Services (they raise `UnsupportedModelError` when the pipeline or the adapter cannot offer them):
@@ -349,26 +349,37 @@ class Plan:
 
 
 def _plan_options(text: str) -> tuple[str, dict[str, bool]]:
-    """Split trailing " @option" words (outside parentheses and quotes) off a plan string."""
+    """Split trailing "@option" words (outside parentheses and quotes) off a plan string."""
     options: dict[str, bool] = {}
     rest = text.rstrip()
-    while True:
-        m = re.search(r"(?:^|\s)@([A-Za-z_][\w-]*)$", rest)
-        if m is None:
-            break
-        head = rest[: m.start()]
-        if head.count("(") != head.count(")") or head.count("'") % 2 or head.count('"') % 2:
-            break  # inside an argument: not a plan option
-        name = m.group(1)
+    while (at := _last_outside_arguments(rest, "@")) >= 0:
+        name = rest[at + 1:].strip()
+        if not re.fullmatch(r"[A-Za-z_][\w-]*", name):
+            raise PlanError(f"plan options (@...) go at the end of the plan, after every reducer: {text!r}")
         if name not in PLAN_OPTIONS:
             raise PlanError(f"unknown plan option @{name}; known: {', '.join('@' + o for o in PLAN_OPTIONS)}")
         if PLAN_OPTIONS[name] in options:
             raise PlanError(f"plan option @{name} is given twice in {text!r}")
         options[PLAN_OPTIONS[name]] = True
-        rest = head.rstrip()
-    if "@" in rest and re.search(r"(?:^|[\s+)])@", rest):
-        raise PlanError(f"plan options (@...) go at the end of the plan, after every reducer: {text!r}")
+        rest = rest[:at].rstrip()
     return rest, options
+
+
+def _last_outside_arguments(text: str, char: str) -> int:
+    """Index of the last `char` in `text` outside parentheses and quotes, or -1."""
+    depth, quote, last = 0, None, -1
+    for i, ch in enumerate(text):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+        elif ch == char and depth == 0:
+            last = i
+    return last
 
 
 def _split_top(text: str) -> list[str]:
