@@ -11,8 +11,11 @@ class PlanError(TokenReduceError):
     """A plan string that does not parse, an unknown reducer, a bad hyperparameter or stage order."""
 
 
-class BudgetError(TokenReduceError):
-    """A token budget that cannot be met: larger than the tokens, zero, negative or of the wrong type."""
+class BudgetError(PlanError):
+    """A token budget that cannot be met: larger than the tokens, zero, negative or of the wrong type.
+
+    A kind of `PlanError` (a budget is a plan's hyperparameter), so ``except PlanError`` catches every
+    problem with a plan string."""
 
 
 class UnsupportedModelError(TokenReduceError):

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from .errors import BudgetError, PlanError, UnsupportedModelError
+from .params import check_fields, clip, short
 from .tokens import VisualTokens
 
 
@@ -130,10 +131,12 @@ class Reducer:
     summary: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
+        check_fields(self)
         self.validate()
 
     def validate(self) -> None:
-        """Raise `PlanError`/`BudgetError` naming the bad hyperparameter. Called on construction."""
+        """Raise `PlanError`/`BudgetError` naming the bad hyperparameter. Called on construction, after every
+        field was checked against its type annotation (`tokenreduce.params.check_fields`)."""
 
     def reduce(self, batch: list[VisualTokens], contexts: list[Context]) -> list[VisualTokens]:
         """Reduce every sample of a batch. The default calls `reduce_sample` once per sample."""
@@ -166,6 +169,10 @@ class BudgetedReducer(Reducer):
     Give exactly one of `tokens` (absolute, per sample) or `keep` (fraction of the sample's tokens).
     Several images or frames in one sample share the budget in proportion to their token counts.
     """
+
+    #: True when the reducer cuts every image/frame to exactly its share from `item_budgets`, so another
+    #: reducer can drive it with per-item budgets (QuoTA's `resize=`); False for reducers with their own split
+    item_budgeted: ClassVar[bool] = False
 
     tokens: int | None = None
     keep: float | None = None
@@ -314,7 +321,14 @@ class Plan:
 
     @classmethod
     def parse(cls, text: str) -> Plan:
-        """Parse ``"name(arg=value, ...)+name+..."``; ``""`` or ``"none"`` is the empty plan."""
+        """Parse ``"name(arg=value, ...)+name+..."``; ``""`` or ``"none"`` is the empty plan.
+
+        Values are Python literals (numbers, strings, lists, True/False/None) or bare words: ``true``,
+        ``false`` and ``none`` in any case, ``inf`` (also ``-inf``), anything else is a string
+        (``pool(mode=avg)``). Nothing is ever evaluated. Every problem raises `PlanError` (or its subclass
+        `BudgetError`) naming the entry and the parameter; what parses prints back (``str(plan)``) to a
+        string that parses to the same plan.
+        """
         from .registry import get_reducer
 
         if not isinstance(text, str):
@@ -325,26 +339,29 @@ class Plan:
             return cls([], **options)
         reducers = []
         for k, part in enumerate(_split_top(text)):
-            m = re.fullmatch(r"\s*([A-Za-z_][\w\-.]*)\s*(?:\((.*)\))?\s*", part, flags=re.S)
+            part = part.strip()
+            m = _ENTRY.fullmatch(part)
             if m is None:
                 raise PlanError(
-                    f"cannot parse plan entry {k + 1} {part.strip()!r} in {text!r}: "
+                    f"cannot parse plan entry {k + 1} {short(part)} in {short(text)}: "
                     "expected name or name(key=value, ...)"
                 )
             name, args = m.group(1), m.group(2)
-            kwargs = _parse_kwargs(args or "", name, text)
             reducer_cls = get_reducer(name)
+            kwargs = _parse_kwargs(args or "", name)
             names = {f.name for f in dataclasses.fields(reducer_cls)}
             unknown = sorted(set(kwargs) - names)
             if unknown:
                 raise PlanError(
-                    f"{name}: unknown parameter(s) {', '.join(unknown)}; "
+                    f"{name}: unknown parameter(s) {clip(', '.join(unknown))}; "
                     f"known: {', '.join(sorted(names)) or '(none)'}"
                 )
             try:
                 reducers.append(reducer_cls(**kwargs))
-            except TypeError as e:  # wrong value types that the dataclass itself rejects
-                raise PlanError(f"{name}: {e}") from None
+            except PlanError:
+                raise
+            except (TypeError, ValueError, OverflowError) as e:  # a value the reducer's own checks did not foresee
+                raise PlanError(f"{name}: {clip(str(e), 200)}") from None
         return cls(reducers, **options)
 
 
@@ -355,11 +372,11 @@ def _plan_options(text: str) -> tuple[str, dict[str, bool]]:
     while (at := _last_outside_arguments(rest, "@")) >= 0:
         name = rest[at + 1:].strip()
         if not re.fullmatch(r"[A-Za-z_][\w-]*", name):
-            raise PlanError(f"plan options (@...) go at the end of the plan, after every reducer: {text!r}")
+            raise PlanError(f"plan options (@...) go at the end of the plan, after every reducer: {short(text)}")
         if name not in PLAN_OPTIONS:
-            raise PlanError(f"unknown plan option @{name}; known: {', '.join('@' + o for o in PLAN_OPTIONS)}")
+            raise PlanError(f"unknown plan option @{clip(name)}; known: {', '.join('@' + o for o in PLAN_OPTIONS)}")
         if PLAN_OPTIONS[name] in options:
-            raise PlanError(f"plan option @{name} is given twice in {text!r}")
+            raise PlanError(f"plan option @{name} is given twice in {short(text)}")
         options[PLAN_OPTIONS[name]] = True
         rest = rest[:at].rstrip()
     return rest, options
@@ -367,69 +384,105 @@ def _plan_options(text: str) -> tuple[str, dict[str, bool]]:
 
 def _last_outside_arguments(text: str, char: str) -> int:
     """Index of the last `char` in `text` outside parentheses and quotes, or -1."""
-    depth, quote, last = 0, None, -1
+    depth, quote, escaped, last = 0, None, False, -1
     for i, ch in enumerate(text):
         if quote:
-            quote = None if ch == quote else quote
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
+                quote = None
         elif ch in "'\"":
             quote = ch
-        elif ch in "([":
+        elif ch in "([{":
             depth += 1
-        elif ch in ")]":
+        elif ch in ")]}":
             depth -= 1
         elif ch == char and depth == 0:
             last = i
     return last
 
 
+#: one plan entry, already stripped: a reducer name and optionally its arguments in parentheses. No two
+#: adjacent unbounded whitespace runs, so a long run of spaces cannot make the match quadratic.
+_ENTRY = re.compile(r"([A-Za-z_][\w\-.]*)(?:\s*\((.*)\))?", flags=re.S)
+
+#: bare words with a meaning of their own (any case); every other bare word is a string
+_WORDS: dict[str, Any] = {"true": True, "false": False, "none": None, "inf": math.inf}
+
+
 def _split_top(text: str) -> list[str]:
-    """Split on '+' outside parentheses and quotes."""
-    parts, depth, cur, quote = [], 0, [], None
+    """Split on '+' outside brackets and quotes (a backslash escapes the next character inside quotes)."""
+    parts, depth, cur, quote, escaped = [], 0, [], None, False
     for ch in text:
         if quote:
-            quote = None if ch == quote else quote
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
+                quote = None
         elif ch in "'\"":
             quote = ch
-        elif ch in "([":
+        elif ch in "([{":
             depth += 1
-        elif ch in ")]":
+        elif ch in ")]}":
             depth -= 1
             if depth < 0:
-                raise PlanError(f"unbalanced ')' in plan {text!r}")
+                raise PlanError(f"unbalanced {ch!r} in plan {short(text)}")
         elif ch == "+" and depth == 0:
             parts.append("".join(cur))
             cur = []
             continue
         cur.append(ch)
     if depth != 0 or quote:
-        raise PlanError(f"unbalanced parentheses or quotes in plan {text!r}")
+        raise PlanError(f"unbalanced parentheses or quotes in plan {short(text)}")
     parts.append("".join(cur))
     for p in parts:
         if not p.strip():
-            raise PlanError(f"empty entry in plan {text!r} (a stray '+'?)")
+            raise PlanError(f"empty entry in plan {short(text)} (a stray '+'?)")
     return parts
 
 
-def _parse_kwargs(args: str, name: str, text: str) -> dict[str, Any]:
+def _parse_kwargs(args: str, name: str) -> dict[str, Any]:
+    """``key=value, ...`` -> dict, values as `Plan.parse` describes; `PlanError` for anything else."""
     if not args.strip():
         return {}
     try:
         call = ast.parse(f"f({args})", mode="eval").body
-    except SyntaxError:
-        raise PlanError(f"{name}: cannot parse arguments ({args}) in {text!r}") from None
-    assert isinstance(call, ast.Call)
+    except (SyntaxError, ValueError, RecursionError, MemoryError, OverflowError):
+        # ValueError: null bytes, integers past the digit limit; RecursionError: thousands of nested operators
+        raise PlanError(f"{name}: cannot parse arguments ({short(args)})") from None
+    if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "f"):
+        raise PlanError(f"{name}: cannot parse arguments ({short(args)}): unbalanced parentheses?")
     if call.args:
-        raise PlanError(f"{name}: arguments must be named, e.g. {name}(keep=0.5); got ({args})")
-    out = {}
+        raise PlanError(f"{name}: arguments must be named, e.g. {name}(keep=0.5); got ({short(args)})")
+    out: dict[str, Any] = {}
     for kw in call.keywords:
         if kw.arg is None:
             raise PlanError(f"{name}: **kwargs are not allowed in a plan string")
-        try:
-            out[kw.arg] = ast.literal_eval(kw.value)
-        except ValueError:
-            # bare words are strings: pool(mode=avg)
-            if isinstance(kw.value, ast.Name):
-                out[kw.arg] = {"true": True, "false": False, "none": None}.get(kw.value.id.lower(), kw.value.id)
-            else:
-                raise PlanError(f"{name}: value of {kw.arg} is not a literal in ({args})") from None
+        if kw.arg in out:
+            raise PlanError(f"{name}: {kw.arg}= is given twice")
+        out[kw.arg] = _literal(kw.value, name, kw.arg)
     return out
+
+
+def _literal(node: ast.expr, name: str, key: str) -> Any:
+    """The value of one argument: a Python literal, a bare word, or +/- a bare number word (``-inf``)."""
+    if isinstance(node, ast.Name):
+        return _WORDS.get(node.id.lower(), node.id)
+    signed = isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd))
+    if signed and isinstance(node.operand, ast.Name):
+        word = _WORDS.get(node.operand.id.lower())
+        if isinstance(word, float):
+            return -word if isinstance(node.op, ast.USub) else word
+    try:
+        return ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError, OverflowError):
+        # TypeError: an unhashable dict key or set member ({[1]: 2})
+        try:
+            shown = short(ast.unparse(node))
+        except RecursionError:
+            shown = "(too deeply nested)"
+        raise PlanError(f"{name}: value of {key}= is not a literal: {shown}") from None

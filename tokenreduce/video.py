@@ -64,7 +64,8 @@ def fps_indices(total: int, video_fps: float, fps: float, *, max_frames: int | N
 
     The frame shown at time t is ``floor(t * video_fps)``; duration = total / video_fps. Sampling faster than
     the video's own rate would repeat frames, so repeats are dropped. If more than ``max_frames`` times
-    remain, ``max_frames`` of them are kept, spread with `uniform_indices` over the time grid.
+    remain, ``max_frames`` of them are kept, spread with `uniform_indices` over the time grid. Memory is
+    O(total) for any fps: at or above the video's own rate every frame is shown, which is computed directly.
 
     Returns:
         (T,) int64, strictly increasing, T >= 1 (and <= max_frames if given).
@@ -74,10 +75,15 @@ def fps_indices(total: int, video_fps: float, fps: float, *, max_frames: int | N
     _check_positive_number("fps", fps)
     if max_frames is not None:
         _check_positive_int("max_frames", max_frames)
-    steps = total * fps / video_fps  # duration * fps, the number of sample times before the end
-    count = max(1, math.ceil(steps - 1e-9))
-    times = np.arange(count, dtype=np.float64) / fps
-    idx = np.unique(np.minimum(np.floor(times * video_fps + 1e-9).astype(np.int64), total - 1))
+    if fps >= video_fps:
+        # sample times at least as close as the frames: every frame is shown at one of them. Said directly, so
+        # memory stays (total,) however large fps is (a time grid at fps=1e5 would hold billions of entries)
+        idx = np.arange(total, dtype=np.int64)
+    else:
+        steps = total * fps / video_fps  # duration * fps, the number of sample times before the end (< total)
+        count = max(1, math.ceil(steps - 1e-9))
+        times = np.arange(count, dtype=np.float64) / fps
+        idx = np.unique(np.minimum(np.floor(times * video_fps + 1e-9).astype(np.int64), total - 1))
     if max_frames is not None and len(idx) > max_frames:
         idx = idx[uniform_indices(max_frames, len(idx))]
     return idx

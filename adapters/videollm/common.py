@@ -108,8 +108,12 @@ def pooled_scores(tower: list[VisualTokens], llm: list[VisualTokens], grid: tupl
 
 def video_pixel_values(frames: np.ndarray, spec: VideoSpec) -> Tensor:
     """(T, H, W, 3) uint8 frames -> (T, 3, size, size) float, as the model's processor would give them."""
+    if not isinstance(frames, np.ndarray):
+        raise InputError(f"frames must be a (T, H, W, 3) uint8 numpy array, got {type(frames).__name__}")
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise InputError(f"frames must be a (T, H, W, 3) uint8 array, got {frames.dtype} {frames.shape}")
+    if 0 in frames.shape:
+        raise InputError(f"frames must hold at least one non-empty frame, got shape {frames.shape}")
     out = np.stack([np.asarray(Image.fromarray(f).resize((spec.size, spec.size), Image.BICUBIC)) for f in frames])
     x = torch.from_numpy(out).permute(0, 3, 1, 2).float() / 255.0
     mean = torch.tensor(spec.mean)[None, :, None, None]
@@ -125,6 +129,10 @@ def video_inputs(tokenizer, spec: VideoSpec, texts: Sequence[str], videos: Seque
     """
     if len(texts) != len(videos):
         raise InputError(f"{len(texts)} prompts but {len(videos)} videos: give one video per prompt")
+    for i, v in enumerate(videos):
+        if not isinstance(v, np.ndarray) or v.ndim != 4 or v.shape[0] == 0:
+            shape = getattr(v, "shape", type(v).__name__)
+            raise InputError(f"video {i} must be a (T, H, W, 3) uint8 array with T >= 1 frames, got {shape}")
     counts = {v.shape[0] for v in videos}
     if len(counts) != 1:
         raise InputError(f"videos in one batch need the same number of frames, got {sorted(counts)}")

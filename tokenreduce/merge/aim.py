@@ -90,6 +90,7 @@ class AIMMerge(BudgetedReducer):
 
     name = "aim-merge"
     stage = Stage.VISUAL
+    item_budgeted = True
     summary = "AIM: iterative bipartite merging of similar tokens per image/frame (ICCV'25)"
 
     weighted: bool = False

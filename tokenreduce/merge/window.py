@@ -94,6 +94,12 @@ class MustDropVision(EncoderReducer):
         return [Probe(self._key_probe, self.key_layer)] if self.key_ratio > 0 else []
 
     def layers(self, tower: VisionTower) -> list[int]:
+        merge_at, last = tower.resolve(self.layer), max(tower.feature_layers) - 1
+        if merge_at > last:  # the features were taken before this layer: a merge there could not reach the LLM
+            raise PlanError(
+                f"{self.name}: layer={self.layer} is vision layer {merge_at}, after layer {last} whose output is "
+                f"the visual features; merge at a layer in 0..{last}"
+            )
         return [self.layer] + ([self.key_layer] if self.key_ratio > 0 else [])
 
     def reduce_layer(
@@ -111,6 +117,11 @@ class MustDropVision(EncoderReducer):
         assign = torch.arange(n, device=tokens.features.device)
         k = self.window
         for i, (h, w) in enumerate(tokens.grids):
+            if k > min(h, w):
+                raise PlanError(
+                    f"{self.name}: window={k} does not fit the {h}x{w} token grid of image/frame {i}; "
+                    f"use window <= {min(h, w)}"
+                )
             idx = torch.nonzero(tokens.item == i).flatten()
             if idx.numel() != h * w:
                 raise PlanError(

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from ..errors import BudgetError, PlanError
+from ..params import short
 from ..plan import BudgetedReducer, Context, Stage
 from ..registry import register_reducer
 from ..tokens import VisualTokens
@@ -23,14 +24,15 @@ class RandomDrop(BudgetedReducer):
 
     name = "random"
     stage = Stage.VISUAL
+    item_budgeted = True
     summary = "baseline: keep a seeded random subset of tokens per image/frame"
 
     seed: int = 0
 
     def validate(self) -> None:
         super().validate()
-        if not isinstance(self.seed, int):
-            raise PlanError(f"random: seed= must be an integer, got {self.seed!r}")
+        if not 0 <= self.seed < 2**64:  # what torch.Generator.manual_seed takes (the type is checked already)
+            raise PlanError(f"random: seed= must be in [0, 2**64), got {short(self.seed)}")
 
     def reduce_sample(self, tokens: VisualTokens, ctx: Context) -> VisualTokens:
         gen = torch.Generator().manual_seed(self.seed)
@@ -81,6 +83,7 @@ class Pool(BudgetedReducer):
 
     name = "pool"
     stage = Stage.VISUAL
+    item_budgeted = True
     summary = "baseline: average-pool each image/frame token grid to the budget"
 
     def reduce_sample(self, tokens: VisualTokens, ctx: Context) -> VisualTokens:

@@ -36,8 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import PlanError, UnsupportedModelError
+from ..params import short
 from ..plan import BudgetedReducer, Context, Stage, allocate
-from ..registry import get_reducer, register_reducer
+from ..registry import get_reducer, reducers, register_reducer
 from ..tokens import VisualTokens
 
 #: the question put to the model about each frame (the model's chat format and the frame are added around it)
@@ -159,8 +160,20 @@ class QuoTA(BudgetedReducer):
                 inner = get_reducer(self.resize)
             except PlanError as e:
                 raise PlanError(f"quota: resize={self.resize!r}: {e}") from None
-            if inner.stage != Stage.VISUAL or not issubclass(inner, BudgetedReducer) or inner is QuoTA:
-                raise PlanError(f"quota: resize must be 'bilinear' or a budgeted VISUAL reducer, got {self.resize!r}")
+            if inner.stage != Stage.VISUAL or not issubclass(inner, BudgetedReducer) or not inner.item_budgeted:
+                usable = sorted(n for n, c in reducers().items() if getattr(c, "item_budgeted", False)
+                                and c.stage == Stage.VISUAL)
+                raise PlanError(
+                    f"quota: resize={self.resize!r} cannot reduce each frame to the share quota gives it; use "
+                    f"'bilinear' or one of {', '.join(usable)}"
+                )
+        try:
+            self.prompt.format(query="")
+        except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
+            raise PlanError(
+                f"quota: prompt= may hold only the field {{query}} (double other braces), got {short(self.prompt)} "
+                f"({type(e).__name__}: {e})"
+            ) from None
 
     def reduce_sample(self, tokens: VisualTokens, ctx: Context) -> VisualTokens:
         t0 = time.perf_counter()
