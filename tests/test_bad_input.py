@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_image, prompt
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from tokenreduce.adapters.llava.zoo import build_llava
 from tokenreduce.adapters.videollm import video_inputs
 from tokenreduce.adapters.videollm.zoo import build_video_llm
@@ -21,6 +23,7 @@ from tokenreduce.cli import main
 from tokenreduce.merge.window import MustDropVision
 from tokenreduce.params import check_value
 from tokenreduce.prune.mustdrop import MustDropPrefill
+from tokenreduce.prune.quota import parse_decoupled
 from tokenreduce.registry import adapter_for
 from tokenreduce.video import fps_indices, load_video, write_video
 
@@ -225,3 +228,25 @@ def test_video_inputs_refuse_empty_videos(video, match):
     spec = adapter_for(model)(model).video_spec()
     with pytest.raises(tr.InputError, match=match):
         video_inputs(tok, spec, ["USER: <video>\nWhat? ASSISTANT:"], [video])
+
+
+# ---- QuoTA's query decoupling reads free model output (issue 22 #14) ---------------------------------------
+
+_STEP3 = st.sampled_from(["Step 1: yes. Step 2: x Step 3: ", "step 1 : YES step3:", "Step 1: no Step 3: ", ""])
+_LIST_BODY = st.text(alphabet=st.sampled_from(list("'\"[]{}(),:-+ 019abxyz_.\\")), max_size=40)
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(st.one_of(st.text(max_size=80), st.builds(lambda a, b, c: a + "[" + b + "]" + c, _STEP3, _LIST_BODY,
+                                                 st.text(max_size=5))))
+@example("Step 1: yes Step 3: [{{}: 1}]")  # an unhashable dict key: TypeError
+@example("Step 1: yes Step 3: [" + "-" * 5000 + "1]")  # RecursionError while building the tree
+@example("Step 1: yes Step 3: ['a', " + "9" * 5000 + "]")  # past the integer digit limit
+def test_decoupling_never_raises_on_odd_model_output(text):
+    out = parse_decoupled(text)
+    assert out is None or (isinstance(out, list) and out and all(isinstance(x, str) and x == x.strip() and x
+                                                                for x in out))
+
+
+def test_decoupling_still_reads_a_normal_answer():
+    assert parse_decoupled("Step 1: yes Step 2: ... Step 3: ['red ball', 'dog', 3]") == ["red ball", "dog"]

@@ -26,6 +26,8 @@ scores and 196 tokens per frame it reproduces the stock sequence exactly.
 
 from __future__ import annotations
 
+import difflib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,8 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import PlanError, UnsupportedModelError
-from ..params import short
+from ..errors import InputError, PlanError, UnsupportedModelError
+from ..params import clip, short
 from ..plan import BudgetedReducer, Context, Stage, allocate
 from ..registry import get_reducer, reducers, register_reducer
 from ..tokens import VisualTokens
@@ -231,7 +233,8 @@ def parse_decoupled(text: str) -> list[str] | None:
     """The object list of a decoupling answer ("Step 1: yes ... Step 3: ['ball', 'dog']"), or None.
 
     None when step 1 says no, when there is no parsable list, or when it is empty (QuoTA then scores
-    frames against the question itself). Lists are read with `ast.literal_eval`, never `eval`.
+    frames against the question itself). Lists are read with `ast.literal_eval`, never `eval`; no model output
+    makes it raise (fuzzed in tests/test_bad_input.py).
     """
     import ast
     import re
@@ -245,7 +248,8 @@ def parse_decoupled(text: str) -> list[str] | None:
         return None
     try:
         items = ast.literal_eval(m.group(1))
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, TypeError, RecursionError, MemoryError):
+        # model output can be anything: unhashable keys ({{}: 1}), thousands of nested operators, huge numbers
         return None
     out = [str(x).strip() for x in items if isinstance(x, str) and str(x).strip()] if isinstance(items, list) else []
     return out or None
@@ -284,12 +288,24 @@ def vlm_yes_probability(ctx: Context, pixels: Tensor, prompt: str, batch: int = 
     return torch.cat(out)
 
 
+_OPEN_CLIP_PRECISIONS = ("fp32", "fp16", "bf16", "pure_fp16", "pure_bf16")
+
+
 class ClipScorer:
-    """Frame relevance from a transformers `CLIPModel` or `SiglipModel`: image-text similarity per frame.
+    """Frame relevance from a CLIP-style model: image-text similarity per frame, in [0, 1].
+
+    Three ways to get one:
+
+    - ``ClipScorer(model, tokenizer, vlm_mean, vlm_std)``: a transformers `CLIPModel` or `SiglipModel` with its
+      tokenizer (frames resized bicubically to the tower's size and normalised with `mean`/`std`);
+    - ``ClipScorer.open_clip(name, pretrained=None|path, vlm_mean=..., vlm_std=...)``: an open_clip model
+      (``pip install 'tokenreduce[clip]'``) with open_clip's own tokenizer and preprocessing;
+    - ``ClipScorer.from_open_clip(model, tokenizer, preprocess, ...)``: an open_clip model already built.
 
     p_t = sigmoid(scale * cos(frame_t, question) + bias), with SigLIP's learned scale and bias (CLIP:
     its logit scale, bias 0, centred on the frames' mean similarity). Frames arrive normalised for the
-    VLM (`mean`, `std`) and are re-normalised and resized for the scorer's own tower.
+    VLM (`vlm_mean`, `vlm_std`), (T, 3, S, S); they are taken back to [0, 1] and prepared for the scorer's
+    own tower. Returns (T,) fp32 scores.
     """
 
     def __init__(self, model, tokenizer, vlm_mean: tuple[float, ...], vlm_std: tuple[float, ...],
@@ -302,27 +318,102 @@ class ClipScorer:
         self.vlm = (torch.tensor(vlm_mean)[:, None, None], torch.tensor(vlm_std)[:, None, None])
         self.own = (torch.tensor(mean)[:, None, None], torch.tensor(std)[:, None, None])
         self.size = model.config.vision_config.image_size
+        self.preprocess: Callable | None = None  # set for open_clip models: PIL image -> (3, s, s) tensor
+
+    @classmethod
+    def open_clip(cls, name: str, pretrained: str | os.PathLike[str] | None = None, *,
+                  vlm_mean: tuple[float, ...], vlm_std: tuple[float, ...],
+                  query: str | Callable[[str], str] | None = None, device: str | torch.device = "cpu",
+                  precision: str = "fp32") -> ClipScorer:
+        """An open_clip model as a frame scorer; nothing is downloaded.
+
+        Args:
+            name: an open_clip architecture (``open_clip.list_models()``, e.g. "ViT-B-32", or one added with
+                ``open_clip.add_model_config``), or ``"local-dir:<folder>"`` (open_clip_config.json + weights).
+            pretrained: None (random weights: plumbing only) or a local checkpoint file of that architecture.
+                open_clip's download tags ("openai", "laion2b_s34b_b79k", ...) are refused: pass the file.
+            vlm_mean, vlm_std: the VLM's pixel normalisation (frames arrive normalised with it).
+            query: as in the constructor. device, precision: passed to open_clip ("fp32", "bf16", ...).
+        """
+        try:
+            import open_clip
+        except ImportError as e:
+            raise UnsupportedModelError(
+                f"ClipScorer.open_clip needs open_clip: pip install 'tokenreduce[clip]' ({e})") from None
+        if not isinstance(name, str) or not name:
+            raise InputError(f"ClipScorer.open_clip: name must be an open_clip model name, got {short(name)}")
+        if name.startswith("hf-hub:"):
+            raise InputError(f"ClipScorer.open_clip: {name!r} would download from the hub; tokenreduce never "
+                             "downloads: save it locally and pass 'local-dir:<folder>'")
+        if not name.startswith("local-dir:") and name not in open_clip.list_models():
+            close = difflib.get_close_matches(name, open_clip.list_models(), n=3)
+            hint = f"; did you mean {', '.join(close)}?" if close else " (see open_clip.list_models())"
+            raise InputError(f"ClipScorer.open_clip: unknown model {name!r}{hint}")
+        if precision not in _OPEN_CLIP_PRECISIONS:
+            raise InputError(f"ClipScorer.open_clip: precision must be one of {', '.join(_OPEN_CLIP_PRECISIONS)}, "
+                             f"got {short(precision)}")
+        path = None
+        if pretrained is not None:
+            path = os.fspath(pretrained)
+            if not os.path.isfile(path):
+                raise InputError(
+                    f"ClipScorer.open_clip: pretrained={path!r} is not a file; give a local checkpoint file or "
+                    "None (tokenreduce never downloads, so open_clip's tags cannot be used)")
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=path, device=device, precision=precision, pretrained_text=False)
+            tokenizer = open_clip.get_tokenizer(name)
+        except Exception as e:  # a checkpoint of another architecture, a bad folder: open_clip raises many kinds
+            raise InputError(f"ClipScorer.open_clip({name!r}, pretrained={path!r}): {clip(str(e), 300)}") from None
+        return cls.from_open_clip(model, tokenizer, preprocess, vlm_mean=vlm_mean, vlm_std=vlm_std, query=query)
+
+    @classmethod
+    def from_open_clip(cls, model, tokenizer, preprocess: Callable, *, vlm_mean: tuple[float, ...],
+                       vlm_std: tuple[float, ...], query: str | Callable[[str], str] | None = None) -> ClipScorer:
+        """Wrap an open_clip model already built: `tokenizer` (list of str -> (n, context) ids) and `preprocess`
+        (PIL image -> (3, s, s) tensor) are open_clip's (``get_tokenizer``, ``create_model_and_transforms``)."""
+        self = cls.__new__(cls)
+        self.model, self.tokenizer, self.query, self.preprocess = model.eval(), tokenizer, query, preprocess
+        self.vlm = (torch.tensor(vlm_mean)[:, None, None], torch.tensor(vlm_std)[:, None, None])
+        return self
 
     @torch.no_grad()
     def __call__(self, pixels: Tensor, question: str, ctx: Context | None = None) -> Tensor:
-        x = pixels.float().cpu() * self.vlm[1] + self.vlm[0]  # back to [0, 1]
-        x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False).clamp(0, 1)
-        x = (x - self.own[0]) / self.own[1]
-        dev = next(self.model.parameters()).device
-        img = self.model.get_image_features(pixel_values=x.to(dev))
-        img = F.normalize(getattr(img, "pooler_output", img), dim=-1)
+        if not isinstance(pixels, Tensor) or pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[0] == 0:
+            raise InputError(f"ClipScorer: frames must be a (T, 3, S, S) tensor with T >= 1, got "
+                             f"{getattr(pixels, 'shape', type(pixels).__name__)}")
+        x = (pixels.float().cpu() * self.vlm[1] + self.vlm[0]).clamp(0, 1)  # back to [0, 1]
         if self.query is not None:
             question = self.query(question) if callable(self.query) else self.query
-        limit = self.model.config.text_config.max_position_embeddings
-        enc = self.tokenizer([question], padding=True, truncation=True, max_length=limit, return_tensors="pt")
-        txt = self.model.get_text_features(**{k: v.to(dev) for k, v in enc.items()})
-        txt = F.normalize(getattr(txt, "pooler_output", txt), dim=-1)
-        cos = (img @ txt.T).flatten().float()
+        img, txt = self._open_clip_features(x, question) if self.preprocess else self._hf_features(x, question)
+        cos = (F.normalize(img.float(), dim=-1) @ F.normalize(txt.float(), dim=-1).T).flatten()
         scale = float(self.model.logit_scale.exp())
         bias = getattr(self.model, "logit_bias", None)
         if bias is None:
             return torch.sigmoid(scale * (cos - cos.mean()))
         return torch.sigmoid(scale * cos + float(bias))
+
+    def _hf_features(self, x: Tensor, question: str) -> tuple[Tensor, Tensor]:
+        """transformers CLIP/SigLIP: (T, D) image and (1, D) text embeddings of [0, 1] frames (T, 3, S, S)."""
+        x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False).clamp(0, 1)
+        x = (x - self.own[0]) / self.own[1]
+        dev = next(self.model.parameters()).device
+        img = self.model.get_image_features(pixel_values=x.to(dev))
+        limit = self.model.config.text_config.max_position_embeddings
+        enc = self.tokenizer([question], padding=True, truncation=True, max_length=limit, return_tensors="pt")
+        txt = self.model.get_text_features(**{k: v.to(dev) for k, v in enc.items()})
+        return getattr(img, "pooler_output", img), getattr(txt, "pooler_output", txt)
+
+    def _open_clip_features(self, x: Tensor, question: str) -> tuple[Tensor, Tensor]:
+        """open_clip: each frame through the model's own preprocessing (as a PIL image, as open_clip expects)."""
+        from PIL import Image
+
+        param = next(self.model.parameters())
+        frames = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # (T, S, S, 3)
+        batch = torch.stack([self.preprocess(Image.fromarray(f)) for f in frames]).to(param.device, param.dtype)
+        img = self.model.encode_image(batch)
+        txt = self.model.encode_text(self.tokenizer([question]).to(param.device))
+        return img, txt
 
 
 #: scorers are callables; this alias documents the signature
