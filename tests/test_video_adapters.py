@@ -67,7 +67,8 @@ def test_explicit_equivalence(zoo, preset):
     ids = x["input_ids"][0]
     with torch.no_grad():
         stock = model.model.get_video_features(pixel_values_videos=x["pixel_values_videos"]).pooler_output
-    stock = stock.reshape(-1, stock.shape[-1])  # every video token of the stock sequence, in order
+    # every video token of the stock sequence, in order (transformers < 5.21 gives LLaVA-NeXT-Video's per video)
+    stock = torch.cat([f.reshape(-1, f.shape[-1]) for f in (stock if isinstance(stock, (list, tuple)) else [stock])])
     kept = call.positions[0]
     is_ph = ids == model.config.video_token_id
     rank = torch.cumsum(is_ph.long(), 0) - 1
