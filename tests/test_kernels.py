@@ -158,6 +158,14 @@ def test_segment_topk_reference_equals_per_segment_sorts():
                 want[i] = True
         assert torch.equal(keep, want)
     assert not K.segment_topk(scores, segments, 2, backend="torch")[segments == -1].any()
+    # equal segments in order (frames): the batched path gives the same as a sort per segment
+    frames = torch.randint(0, 4, (5, 16), generator=g).float()
+    seg = torch.arange(5).repeat_interleave(16)
+    k = torch.tensor([0, 3, 16, 5, 1])
+    keep = K.segment_topk(frames.flatten(), seg, k, backend="torch").view(5, 16)
+    for f in range(5):
+        want = sorted(range(16), key=lambda i: (-float(frames[f, i]), i))[: int(k[f])]  # noqa: B023
+        assert torch.nonzero(keep[f]).flatten().tolist() == sorted(want)
     assert K.segment_topk(torch.zeros(0), torch.zeros(0, dtype=torch.long), 3).shape == (0,)
 
 

@@ -5,7 +5,8 @@ goes into group ``index[b, n]`` (-1: dropped), each group's feature is the mean 
 their `size`, the number of original tokens each stands for, if `weighted`), and each group's size is the sum
 of its members' sizes. An empty group gets zeros and size 0.
 
-The torch reference accumulates with `index_add_` in fp32 (memory O(B x N x D), no Python loop). The Triton
+The torch reference accumulates with `index_add_` in fp32, a block of rows at a time (memory: the output plus
+one block; no loop over tokens or groups). The Triton
 kernel sorts the tokens by group once (a stable sort, so members are summed in token order, as `index_add_`
 does) and lets one program sum each group's members: no atomics, so it is deterministic on the GPU too.
 """
@@ -78,14 +79,22 @@ def scatter_mean(
     return (mean[0], sizes[0]) if squeeze else (mean, sizes)
 
 
+_BLOCK_ROWS = 4096  # rows of x per step of the torch reference (weighted: one block's products at a time)
+
+
 def _scatter_torch(x: Tensor, key: Tensor, size: Tensor, weighted: bool, bsz: int, m: int):
     d = x.shape[2]
-    w = size.flatten() if weighted else torch.ones_like(size.flatten())
-    acc = torch.zeros(bsz * m + 1, d, device=x.device).index_add_(0, key, x.reshape(-1, d).float() * w[:, None])
-    den = torch.zeros(bsz * m + 1, device=x.device).index_add_(0, key, w)
-    sizes = torch.zeros(bsz * m + 1, device=x.device).index_add_(0, key, size.flatten())
-    mean = torch.where(den[:, None] > 0, acc / den.clamp_min(1e-30)[:, None], 0.0)
-    return mean[:-1].view(bsz, m, d).to(x.dtype), sizes[:-1].view(bsz, m)
+    flat = x.reshape(-1, d)  # a view for contiguous input
+    w = size.flatten()
+    sizes = torch.zeros(bsz * m + 1, device=x.device).index_add_(0, key, w)
+    den = sizes if weighted else torch.zeros(bsz * m + 1, device=x.device).index_add_(
+        0, key, torch.ones_like(w))
+    acc = torch.zeros(bsz * m + 1, d, device=x.device)
+    for s in range(0, flat.shape[0], _BLOCK_ROWS):  # blocks, so the weighted products never exceed one block
+        rows = flat[s:s + _BLOCK_ROWS].float()
+        acc.index_add_(0, key[s:s + _BLOCK_ROWS], rows * w[s:s + _BLOCK_ROWS, None] if weighted else rows)
+    acc.div_(den.clamp_min(1e-30)[:, None])  # an empty group: 0 / tiny = 0
+    return acc[:-1].view(bsz, m, d).to(x.dtype), sizes[:-1].view(bsz, m)
 
 
 if tl is not None:

@@ -19,13 +19,21 @@ Differences from the released code, on purpose:
 - budgets are exact: largest-remainder rounding, at least `floor` tokens per frame (no frame vanishes,
   so the time prompt stays true), and at most the frame's own tokens (no upsampling above the model's
   grid), with what a capped frame cannot take handed on to the others;
-- the weights are an explicit argument, not smuggled through `images` (which broke batches of two).
+- the weights are an explicit argument, not smuggled through `images` (which broke batches of two);
+- a frame's share n becomes the largest grid within n (`grid="fill"`: 130 tokens of a 14x14 frame -> 10x13,
+  30 -> 5x6); the release takes floor(sqrt(n)) rows and columns plus one row if it fits (130 -> 11x11 = 121,
+  30 -> 6x5), leaving up to sqrt(n) of the share unused: `grid="release"` reproduces it (tested against a
+  transcription);
+- frame sampling (`tokenreduce.video`, ``dynamic=True``): the release samples T = 96 + ... frames even from
+  a shorter clip, repeating frames (60 frames -> 96 with repeats); we sample at most the clip's frames, so a
+  budget is not spent twice on one frame: ``DynamicSampling(repeat=True)`` reproduces the release.
 Resizing happens on the grid the LLM sees (LLaVA-OneVision: the pooled 14x14 grid), so with uniform
 scores and 196 tokens per frame it reproduces the stock sequence exactly.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,8 +82,21 @@ def frame_budgets(total: int, weights: list[float], counts: list[int], floor: in
     return [b + r for b, r in zip(base, rest)]
 
 
-def grid_shape(n: int, h: int, w: int) -> tuple[int, int]:
-    """The largest grid with at most n cells and at most h x w, close to the frame's aspect ratio."""
+def grid_shape(n: int, h: int, w: int, rule: str = "fill") -> tuple[int, int]:
+    """The grid a frame of h x w tokens is resized to for a share of n tokens (never larger than h x w).
+
+    rule "fill" (default): the largest grid with at most n cells, closest to the frame's aspect ratio (130 of
+    a 14 x 14 frame -> 10 x 13 = 130). rule "release": QuoTA's, s = floor(sqrt(n)), then s + 1 rows if
+    (s + 1) x s <= n (130 -> 11 x 11 = 121; 30 -> 6 x 5); it assumes a square frame, so a non-square frame
+    uses "fill". Where the release would upsample (n > h x w) the frame keeps its own grid.
+    """
+    if rule not in ("fill", "release"):
+        raise PlanError(f"quota: grid must be 'fill' or 'release', got {rule!r}")
+    if n >= h * w:
+        return h, w
+    if rule == "release" and h == w:
+        s = math.isqrt(n)
+        return (s + 1, s) if s * s < n and (s + 1) * s <= n else (s, s)
     best = (1, 1)
     for rows in range(1, h + 1):
         cols = min(w, n // rows)
@@ -88,7 +109,7 @@ def grid_shape(n: int, h: int, w: int) -> tuple[int, int]:
     return best
 
 
-def bilinear_resize(tokens: VisualTokens, item: int, n: int) -> tuple[Tensor, Tensor, int]:
+def bilinear_resize(tokens: VisualTokens, item: int, n: int, rule: str = "fill") -> tuple[Tensor, Tensor, int]:
     """Resize one item's full token grid to the largest grid of at most `n` cells (bilinear, no corners).
 
     Returns (assign (k,) group of each of the item's tokens, features (g, D), g groups). Each original
@@ -101,7 +122,7 @@ def bilinear_resize(tokens: VisualTokens, item: int, n: int) -> tuple[Tensor, Te
         raise PlanError("quota: resize='bilinear' needs every frame's full token grid; put quota first")
     order = torch.argsort((tokens.row[idx] - r0) * w + (tokens.col[idx] - c0))
     idx = idx[order]
-    gh, gw = grid_shape(n, h, w)
+    gh, gw = grid_shape(n, h, w, rule)
     grid = tokens.features[idx].T.reshape(1, -1, h, w).float()
     out = F.interpolate(grid, size=(gh, gw), mode="bilinear", align_corners=False)[0].reshape(-1, gh * gw).T
     rows = (torch.arange(h, device=idx.device) * gh) // h
@@ -130,6 +151,8 @@ class QuoTA(BudgetedReducer):
         decouple: first let the model (text only) turn the question into a list of objects (QuoTA's CoT
             query decoupling) and ask each frame about those objects; falls back to `prompt` when the
             answer names none. Its time is reported as "decouple:quota" (part of "score:quota").
+        grid: the bilinear grid for a frame's share (`grid_shape`): "fill" (the largest grid within the share,
+            default) or "release" (QuoTA's near-square grids, which leave up to sqrt(share) tokens unused).
     """
 
     name = "quota"
@@ -143,6 +166,7 @@ class QuoTA(BudgetedReducer):
     prompt: str = FRAME_PROMPT
     batch: int = 16
     decouple: bool = False
+    grid: str = "fill"
 
     def validate(self) -> None:
         super().validate()
@@ -154,6 +178,8 @@ class QuoTA(BudgetedReducer):
             raise PlanError(f"quota: floor must be an integer >= 0, got {self.floor!r}")
         if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
             raise PlanError(f"quota: batch must be an integer >= 1, got {self.batch!r}")
+        if self.grid not in ("fill", "release"):
+            raise PlanError(f"quota: grid must be 'fill' or 'release', got {self.grid!r}")
         if self.resize != "bilinear":
             try:
                 inner = get_reducer(self.resize)
@@ -178,7 +204,7 @@ class QuoTA(BudgetedReducer):
         for i, k in enumerate(budgets):
             if k == 0 or counts[i] == 0:
                 continue
-            a, f, g = bilinear_resize(tokens, i, k)
+            a, f, g = bilinear_resize(tokens, i, k, self.grid)
             assign = torch.where(a >= 0, a + offset, assign)
             feats.append(f)
             offset += g
