@@ -227,6 +227,75 @@ def test_quota_release_grids_in_the_reducer():
     assert out.item_counts().tolist() == [130, 130, 130]
 
 
+def release_v1(raw: torch.Tensor, shares: list[int]) -> list[torch.Tensor]:
+    """QuoTA v1 on (T, S, S, D) projected frames: each frame bilinear-resized to its share's release grid."""
+    out = []
+    for frame, n in zip(raw, shares):
+        h, w = release_grid(n)
+        grid = torch.nn.functional.interpolate(frame.permute(2, 0, 1)[None], size=(h, w), mode="bilinear")
+        out.append(grid[0].flatten(1).T)
+    return out
+
+
+def smooth_grid(t: int, side: int, d: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(t, d, 4, 4, generator=g)
+    return torch.nn.functional.interpolate(coarse, size=(side, side), mode="bilinear").permute(0, 2, 3, 1)
+
+
+def test_quota_resizes_from_the_raw_grid_like_the_release():
+    """LLaVA-OneVision: frames are 27x27 projected tokens that the model pools to 14x14; QuoTA's release resizes
+    the 27x27 grid. Given the raw grids (Context.raw_grids), quota does the same: 3 frames sharing 3 x 130 tokens
+    give the release's 11x11 grids, interpolated from 27x27, not from the pooled 14x14."""
+    raw = smooth_grid(3, 27, 16, seed=7)
+    pooled = torch.nn.functional.interpolate(raw.permute(0, 3, 1, 2), size=(14, 14), mode="bilinear")
+    pooled = pooled.permute(0, 2, 3, 1).reshape(3, 196, 16)
+    items = [tr.tokens.ItemInfo(image=0, kind="frame", index=f) for f in range(3)]
+    vt = tr.VisualTokens.from_items(list(pooled), [(14, 14)] * 3, torch.arange(3 * 196), items)
+    quota = QuoTA(tokens=3 * 130, scorer="uniform", grid="release")
+    out = quota.reduce_sample(vt, tr.Context(raw_grids=raw))
+    want = release_v1(raw, [130] * 3)
+    torch.testing.assert_close(out.features, torch.cat(want), atol=1e-5, rtol=1e-5)
+    from_pooled = quota.reduce_sample(vt, tr.Context())  # no raw grids: resized from what the LLM sees
+    rel = (from_pooled.features - out.features).norm() / out.features.norm()
+    assert rel > 0.01, f"resizing from the pooled grid should differ from the raw one, got {rel:.4f}"
+    # a frame that keeps its whole pooled grid keeps the model's own pooled tokens
+    full = QuoTA(keep=1.0, scorer="uniform").reduce_sample(vt, tr.Context(raw_grids=raw))
+    assert torch.equal(full.features, vt.features)
+    with pytest.raises(tr.UnsupportedModelError, match="raw grids"):
+        quota.reduce_sample(vt, tr.Context(raw_grids=raw[:2]))
+
+
+def test_quota_reads_the_models_raw_grids():
+    """On the tiny LLaVA-OneVision the frames quota returns are the model's own pre-pool grids, resized."""
+    from tokenreduce.adapters.videollm import video_inputs
+    from tokenreduce.adapters.videollm.zoo import build_video_llm
+
+    from tokenreduce.registry import adapter_for
+
+    model, tok = build_video_llm("tiny-onevision")
+    spec = adapter_for(model)(model).video_spec()
+    clip = (torch.rand(4, 64, 64, 3, generator=torch.Generator().manual_seed(0)) * 255).to(torch.uint8).numpy()
+    x = video_inputs(tok, spec, ["USER: <video>\nWhat moves? ASSISTANT:"], [clip])
+    seen = {}
+
+    def scorer(pixels, question, ctx):
+        seen["raw"] = ctx.raw_grids
+        return torch.ones(pixels.shape[0])
+
+    with torch.no_grad(), tr.apply(model, tr.Plan([QuoTA(keep=0.5, scorer=scorer, grid="release")])) as h:
+        model(**x)
+    raw = seen["raw"]
+    assert raw is not None and raw.shape[1] > 4  # finer than the pooled grid
+    vt = h.report.calls[0].visual[0]
+    per = vt.item_counts().tolist()
+    share = h.report.calls[0].visual[0].num_original // vt.num_items // 2
+    want = release_v1(raw, [share] * vt.num_items)
+    assert per == [w.shape[0] for w in want]
+    got = vt.features[torch.argsort(vt.position, stable=True)]
+    torch.testing.assert_close(got, torch.cat(want).to(got.dtype), atol=1e-5, rtol=1e-5)
+
+
 def test_quota_short_clip_sampling(tmp_path):
     """A 60-frame clip: the release samples 96 frames with repeats; we sample the 60 there are, or the
     release's 96 with DynamicSampling(repeat=True)."""

@@ -27,8 +27,10 @@ Differences from the released code, on purpose:
 - frame sampling (`tokenreduce.video`, ``dynamic=True``): the release samples T = 96 + ... frames even from
   a shorter clip, repeating frames (60 frames -> 96 with repeats); we sample at most the clip's frames, so a
   budget is not spent twice on one frame: ``DynamicSampling(repeat=True)`` reproduces the release.
-Resizing happens on the grid the LLM sees (LLaVA-OneVision: the pooled 14x14 grid), so with uniform
-scores and 196 tokens per frame it reproduces the stock sequence exactly.
+Resizing starts from the finest grid the model has, as the release does: LLaVA-OneVision's projected 27x27
+frames before its 2x2 pooling (`Context.raw_grids`), else the grid the LLM sees. A frame whose share is its
+whole pooled grid keeps the model's own pooled tokens, so with uniform scores and 196 tokens per frame the
+stock sequence comes out exactly. All frames resized to the same grid are interpolated in one call.
 """
 
 from __future__ import annotations
@@ -109,28 +111,70 @@ def grid_shape(n: int, h: int, w: int, rule: str = "fill") -> tuple[int, int]:
     return best
 
 
-def bilinear_resize(tokens: VisualTokens, item: int, n: int, rule: str = "fill") -> tuple[Tensor, Tensor, int]:
-    """Resize one item's full token grid to the largest grid of at most `n` cells (bilinear, no corners).
+def resize_frames(tokens: VisualTokens, budgets: list[int], rule: str = "fill",
+                  raw: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
+    """Resize every frame's token grid to the grid of its share (QuoTA v1), all frames of one shape at once.
 
-    Returns (assign (k,) group of each of the item's tokens, features (g, D), g groups). Each original
-    token belongs to the output cell covering its centre, so origins stay exact.
+    Args:
+        tokens: the sample's tokens; every frame with a share must still be its full grid (or a full rectangle).
+        budgets: tokens per item (0: the item is dropped).
+        rule: `grid_shape` rule, "fill" or "release".
+        raw: optional (n_items, H, W, D) projected features before the model pooled them (`Context.raw_grids`):
+            frames are resized from these, as QuoTA's release does (27x27 for LLaVA-OneVision), instead of from
+            the pooled grid the tokens hold. A share equal to the whole pooled grid keeps the pooled tokens.
+
+    Returns:
+        assign: (N,) long, the output token of every token (-1: dropped).
+        features: (M, D) the resized frames, item after item, each in raster order.
+        M: output tokens.
     """
-    idx = torch.nonzero(tokens.item == item).flatten()
-    r0, c0 = int(tokens.row[idx].min()), int(tokens.col[idx].min())
-    h, w = int(tokens.row[idx].max()) - r0 + 1, int(tokens.col[idx].max()) - c0 + 1
-    if idx.numel() != h * w:
-        raise PlanError("quota: resize='bilinear' needs every frame's full token grid; put quota first")
-    order = torch.argsort((tokens.row[idx] - r0) * w + (tokens.col[idx] - c0))
-    idx = idx[order]
-    gh, gw = grid_shape(n, h, w, rule)
-    grid = tokens.features[idx].T.reshape(1, -1, h, w).float()
-    out = F.interpolate(grid, size=(gh, gw), mode="bilinear", align_corners=False)[0].reshape(-1, gh * gw).T
-    rows = (torch.arange(h, device=idx.device) * gh) // h
-    cols = (torch.arange(w, device=idx.device) * gw) // w
-    cell = (rows[:, None] * gw + cols[None, :]).flatten()
-    assign = torch.full((len(tokens),), -1, dtype=torch.long, device=idx.device)
-    assign[idx] = cell
-    return assign, out.to(tokens.features.dtype), gh * gw
+    dev = tokens.features.device
+    n_items = tokens.num_items
+    big = torch.iinfo(torch.long).max
+    r0 = torch.full((n_items,), big, device=dev).scatter_reduce(0, tokens.item, tokens.row, "amin")
+    c0 = torch.full((n_items,), big, device=dev).scatter_reduce(0, tokens.item, tokens.col, "amin")
+    r1 = torch.full((n_items,), -1, device=dev).scatter_reduce(0, tokens.item, tokens.row, "amax")
+    c1 = torch.full((n_items,), -1, device=dev).scatter_reduce(0, tokens.item, tokens.col, "amax")
+    counts = tokens.item_counts().tolist()
+    hs, ws = (r1 - r0 + 1).tolist(), (c1 - c0 + 1).tolist()
+    order = torch.argsort(tokens.item * (1 << 40) + tokens.row * (1 << 20) + tokens.col, stable=True)
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    shapes: dict[tuple[int, int, int, int], list[int]] = {}
+    offset, out_first = 0, []
+    for i, k in enumerate(budgets):
+        out_first.append(offset)
+        if k == 0 or counts[i] == 0:
+            continue
+        h, w = hs[i], ws[i]
+        if counts[i] != h * w:
+            raise PlanError("quota: resize='bilinear' needs every frame's full token grid; put quota first")
+        gh, gw = grid_shape(k, h, w, rule)
+        shapes.setdefault((h, w, gh, gw), []).append(i)
+        offset += gh * gw
+    d = tokens.features.shape[1]
+    feats = tokens.features.new_empty(offset, d)
+    assign = torch.full((len(tokens),), -1, dtype=torch.long, device=dev)
+    if raw is not None and (raw.dim() != 4 or raw.shape[0] != n_items):
+        raise UnsupportedModelError(f"quota: the model's raw grids {tuple(raw.shape)} do not match the sample's "
+                                    f"{n_items} frames")
+    for (h, w, gh, gw), items in shapes.items():
+        idx = torch.stack([order[starts[i]:starts[i + 1]] for i in items])  # (U, h*w) raster order
+        base = torch.tensor([out_first[i] for i in items], device=dev)
+        rows = (torch.arange(h, device=dev) * gh) // h
+        cols = (torch.arange(w, device=dev) * gw) // w
+        cell = (rows[:, None] * gw + cols[None, :]).flatten()
+        assign[idx.flatten()] = (base[:, None] + cell).flatten()
+        slots = (base[:, None] + torch.arange(gh * gw, device=dev)).flatten()
+        if (gh, gw) == (h, w):  # the whole grid: the tokens themselves (the model's own pooling)
+            feats[slots] = tokens.features[idx.flatten()]
+            continue
+        src = raw[items].to(dev) if raw is not None else tokens.features[idx].view(len(items), h, w, d)
+        grid = src.permute(0, 3, 1, 2).float()
+        out = F.interpolate(grid, size=(gh, gw), mode="bilinear", align_corners=False)
+        feats[slots] = out.flatten(2).transpose(1, 2).flatten(0, 1).to(feats.dtype)
+    return assign, feats, offset
 
 
 @register_reducer
@@ -199,16 +243,8 @@ class QuoTA(BudgetedReducer):
             inner = get_reducer(self.resize)(tokens=max(1, sum(budgets)))
             inner.fixed_item_budgets = budgets
             return inner.reduce([tokens], [ctx])[0]
-        assign = torch.full((len(tokens),), -1, dtype=torch.long, device=tokens.features.device)
-        feats, offset = [], 0
-        for i, k in enumerate(budgets):
-            if k == 0 or counts[i] == 0:
-                continue
-            a, f, g = bilinear_resize(tokens, i, k, self.grid)
-            assign = torch.where(a >= 0, a + offset, assign)
-            feats.append(f)
-            offset += g
-        return tokens.group(assign, offset, features=torch.cat(feats))
+        assign, feats, total = resize_frames(tokens, budgets, self.grid, ctx.raw_grids)
+        return tokens.group(assign, total, features=feats)
 
     def score(self, tokens: VisualTokens, ctx: Context) -> Tensor:
         """(num_items,) relevance of every frame (item) of the sample, in [0, 1]."""
@@ -341,5 +377,5 @@ class ClipScorer:
 #: scorers are callables; this alias documents the signature
 FrameScorer = Callable[[Tensor, str, Context], Tensor]
 
-__all__ = ["ClipScorer", "FrameScorer", "QuoTA", "bilinear_resize", "decouple_query", "frame_budgets", "frame_weights",
-           "grid_shape", "parse_decoupled", "vlm_yes_probability"]
+__all__ = ["ClipScorer", "FrameScorer", "QuoTA", "decouple_query", "frame_budgets", "frame_weights",
+           "grid_shape", "parse_decoupled", "resize_frames", "vlm_yes_probability"]
