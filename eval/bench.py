@@ -76,6 +76,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--frames", default="32", help="with --video: comma list of frame counts (default 32)")
     p.add_argument("--image-size", type=_count(28), default=672,
                    help="Qwen2-VL presets: the image's side in pixels (default 672: 576 visual tokens)")
+    p.add_argument("--kernels", action="store_true",
+                   help="benchmark the similarity kernels instead (Triton vs torch reference vs naive torch; "
+                        "see tokenreduce.eval.kernel_bench)")
+    p.add_argument("--kernel-scale", default="paper", choices=["paper", "small"],
+                   help="with --kernels: the issue's image and video scales (default) or small ones for a quick run")
 
 
 class PeakRSS:
@@ -341,7 +346,10 @@ def main(args: argparse.Namespace) -> int:
     from tokenreduce.adapters.qwen2vl.zoo import PRESETS as QWEN_PRESETS
     from tokenreduce.adapters.videollm.zoo import PRESETS as VIDEO_PRESETS
 
+    if getattr(args, "kernels", False):
+        from .kernel_bench import main as kernel_main
 
+        return kernel_main(args)
     if args.video:
         if args.preset == "llava-1.5-7b-shape":  # the image default: switch to the video default
             args.preset = "llava-onevision-7b-shape"

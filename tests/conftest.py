@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+
+import torch
+
+# Triton reads TRITON_INTERPRET when it is first imported, and loading the models below imports it (through
+# transformers): without a GPU, the Triton kernel tests run in its CPU interpreter (tests/test_kernels_triton.py).
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from tokenreduce.adapters.llava.zoo import build_llava, build_processor
 

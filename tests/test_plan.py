@@ -39,7 +39,7 @@ def test_bare_words_are_strings_or_bools():
         ("aim-merge(keep=0.5))", r"unbalanced '\)'"),
         ("aim-merge(keep=0.5)+", r"empty entry"),
         ("aim-merge(0.5)", r"arguments must be named"),
-        ("aim-merge(kep=0.5)", r"unknown parameter\(s\) kep; known: frames, keep, tokens, weighted"),
+        ("aim-merge(kep=0.5)", r"unknown parameter\(s\) kep; known: frames, keep, metric, order, tokens, weighted"),
         ("aim-merge(keep=0.5 0.2)", r"cannot parse arguments"),
         ("aim-merge(keep=[1, 2][0])", r"not a literal"),
         ("9abc", r"cannot parse plan entry 1"),

@@ -32,7 +32,7 @@ def check_origins(vt: tr.VisualTokens, drops: bool):
 @pytest.mark.parametrize("t, target", [(64, 32), (64, 16), (64, 7), (63, 20), (576, 64), (577, 288), (5, 1), (9, 9)])
 def test_bipartite_merge_meets_budget_exactly(t, target):
     x = torch.randn(3, t, 16)
-    merged, assign, size = bipartite_merge(x, target)
+    merged, assign, size = bipartite_merge(x, target)[:3]
     assert merged.shape == (3, target, 16)
     assert assign.shape == (3, t) and int(assign.min()) == 0 and int(assign.max()) == target - 1
     assert torch.equal(size.sum(1), torch.full((3,), float(t)))
@@ -42,7 +42,7 @@ def test_bipartite_merge_meets_budget_exactly(t, target):
 
 def test_one_iteration_group_means_are_exact():
     x = torch.randn(2, 10, 4)
-    merged, assign, _ = bipartite_merge(x, 7)  # 10 -> 7: one iteration, 3 sources merged
+    merged, assign = bipartite_merge(x, 7)[:2]  # 10 -> 7: one iteration, 3 sources merged
     for g in range(2):
         for j in range(7):
             torch.testing.assert_close(merged[g, j], x[g, assign[g] == j].mean(0))
@@ -50,7 +50,7 @@ def test_one_iteration_group_means_are_exact():
 
 def test_weighted_merge_is_the_mean_of_the_originals():
     x = torch.randn(1, 64, 4)
-    merged, assign, _ = bipartite_merge(x, 9, weighted=True)  # several iterations
+    merged, assign = bipartite_merge(x, 9, weighted=True)[:2]  # several iterations
     for j in range(9):
         torch.testing.assert_close(merged[0, j], x[0, assign[0] == j].mean(0), atol=1e-5, rtol=1e-5)
 
@@ -58,8 +58,8 @@ def test_weighted_merge_is_the_mean_of_the_originals():
 def test_unweighted_merge_follows_the_release_rule():
     """weighted=False averages current tokens with equal weight (the release); differs from weighted."""
     x = torch.randn(1, 64, 4)
-    a, _, _ = bipartite_merge(x, 9, weighted=False)
-    b, _, _ = bipartite_merge(x, 9, weighted=True)
+    a = bipartite_merge(x, 9, weighted=False).features
+    b = bipartite_merge(x, 9, weighted=True).features
     assert not torch.allclose(a, b)
 
 
@@ -67,7 +67,7 @@ def test_merge_pairs_the_most_similar_tokens():
     # token pairs (0,1), (2,3), ... are near-duplicates; merging 8 -> 4 must merge exactly those pairs
     base = torch.randn(4, 32)
     x = base.repeat_interleave(2, 0) + 1e-3 * torch.randn(8, 32)
-    _, assign, _ = bipartite_merge(x[None], 4)
+    assign = bipartite_merge(x[None], 4).assign
     assert assign[0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
 
 
@@ -166,3 +166,13 @@ def test_visual_tokens_group_and_select_compose_origins():
     assert s.members(1).tolist() == [5, 6, 7]
     with pytest.raises(ValueError, match="at least one member"):
         vt.group(torch.zeros(8, dtype=torch.long), 2)
+
+
+def test_group_with_representatives_keeps_id_order_and_takes_their_origin():
+    vt = tokens([(2, 4)])
+    g = vt.group(torch.tensor([1, 1, 0, 0, -1, 2, 2, 2]), 3, rep=torch.tensor([3, 0, 7]))
+    assert g.size.tolist() == [2.0, 2.0, 3.0]  # ids kept in order: group 0 is tokens 2 and 3
+    assert g.source.tolist() == [1, 1, 0, 0, -1, 2, 2, 2]
+    assert g.position.tolist() == [vt.position[3], vt.position[0], vt.position[7]]
+    assert g.row.tolist() == [0, 0, 1] and g.col.tolist() == [3, 0, 3]
+    torch.testing.assert_close(g.features[0], vt.features[2:4].mean(0))

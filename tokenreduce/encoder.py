@@ -6,8 +6,9 @@ which hidden state is the visual feature); reducers never see a model family. `r
 - runs the layers itself, on the same tensors the stock tower would use (so a plan that changes nothing
   gives bit-identical features), and stops after the last layer anybody needs (LLaVA's features come
   from the penultimate layer: the last layer is skipped unless a reducer asks for it);
-- captures q/k only at the layers that `Probe`s name and stores CLS-attention rows, summed over heads,
-  in `VisualTokens.scores` (any attention implementation: rows are recomputed from q/k, see attention.py);
+- captures q/k only at the layers that `Probe`s name and stores CLS-attention rows, summed over heads, or
+  the layer's keys (kind "keys") in `VisualTokens.scores` (any attention implementation: rows are recomputed
+  from q/k, see attention.py);
 - hands the patch tokens (hidden states) to `EncoderReducer`s after the layers they ask for, and runs the
   remaining layers on what they return: a genuinely shorter sequence per item (items that end up with
   different lengths are right-padded and the padding keys are masked);
@@ -107,6 +108,19 @@ class VisionTower:
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def key_layer(self, layer: int | None) -> int:
+        """The layer whose keys a "keys" probe reads: None = the layer that takes the visual features as input
+        (its keys are computed from them), else `layer` as in `resolve`."""
+        if layer is not None:
+            return self.resolve(layer)
+        idx = max(self.feature_layers)
+        if idx >= self.num_layers:
+            raise UnsupportedModelError(
+                "keys of the visual features: they come from the vision tower's last layer, and no layer computes "
+                "keys from them"
+            )
+        return idx
 
     def resolve(self, layer: int | None) -> int:
         """A layer index in [0, num_layers): None = the feature layer, negative counts from the end."""
@@ -235,9 +249,10 @@ def run_tower(
         first_row.append(r)
         r += vt.num_items
         items += [(b, j, it) for j, it in enumerate(vt.items)]
-    if probes and tower.prefix == 0:
+    cls_probes = [p for p in probes if p.kind == "cls"]
+    if cls_probes and tower.prefix == 0:
         raise UnsupportedModelError(
-            f"{', '.join(p.name for p in probes)} need the CLS token's attention, and this vision tower has none"
+            f"{', '.join(p.name for p in cls_probes)} need the CLS token's attention, and this vision tower has none"
         )
     acts: dict[int, list[EncoderReducer]] = {}
     for red in reducers:
@@ -254,7 +269,7 @@ def run_tower(
             override[i] = red
     probe_at: dict[int, list[Probe]] = {}
     for p in probes:
-        probe_at.setdefault(tower.resolve(p.layer), []).append(p)
+        probe_at.setdefault(tower.key_layer(p.layer) if p.kind == "keys" else tower.resolve(p.layer), []).append(p)
     feat_layers = sorted(tower.feature_layers)
     last = max([feat_layers[-1] - 1, *acts, *probe_at, *override])
     if acts and len(feat_layers) > 1 and min(acts) < feat_layers[-1] - 1 and min(acts) >= feat_layers[0] - 1:
@@ -287,12 +302,18 @@ def run_tower(
             else:
                 hidden = tower.run(i, hidden, state)
             if i in probe_at:
-                cls = attention_probs(cap.q[i][:, :, :1], cap.k[i], cap.scaling(i), mask=key_valid)
-                cls = cls.sum(1)[:, 0, tower.prefix :]  # (G, L - prefix)
+                names = [p.name for p in probe_at[i] if p.kind == "cls"]
+                if names:
+                    cls = attention_probs(cap.q[i][:, :, :1], cap.k[i], cap.scaling(i), mask=key_valid)
+                    cls = cls.sum(1)[:, 0, tower.prefix :]  # (G, L - prefix)
+                    vals = cls[layout.rows, layout.cols].float().split(layout.sizes)
+                    batch = [v.with_scores(**dict.fromkeys(names, s)) for v, s in zip(batch, vals)]
+                names = [p.name for p in probe_at[i] if p.kind == "keys"]
+                if names:  # the layer's keys of the patch tokens, heads concatenated: (G, L - prefix, H * d)
+                    keys = cap.k[i].transpose(1, 2).flatten(2)[:, tower.prefix :]
+                    vals = keys[layout.rows, layout.cols].split(layout.sizes)
+                    batch = [v.with_scores(**dict.fromkeys(names, s)) for v, s in zip(batch, vals)]
                 cap.q.pop(i), cap.k.pop(i)
-                vals = cls[layout.rows, layout.cols].float().split(layout.sizes)
-                names = [p.name for p in probe_at[i]]
-                batch = [v.with_scores(**dict.fromkeys(names, s)) for v, s in zip(batch, vals)]
             if i in acts:
                 cur = layout.gather(hidden, tower.prefix)
                 batch = [v.with_features(f) for v, f in zip(batch, cur)]

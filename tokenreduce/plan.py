@@ -112,6 +112,9 @@ class Probe:
     kind "cls": the CLS query's attention probabilities over the patch tokens at `layer`, summed over
     heads (softmax over all keys, CLS included, as in HiRED and MustDrop). `layer` indexes the tower's
     layers (negative counts from the end); None means the layer that produces the visual features.
+    kind "keys": the (N, H * d) keys that `layer` computes for the patch tokens (its k_proj output, heads
+    concatenated); None means the keys of the visual features, computed by the layer after the feature
+    layer (AIM's LLaVA-1.5 merge metric: CLIP's layer-23 keys).
     """
 
     name: str

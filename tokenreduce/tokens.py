@@ -49,7 +49,8 @@ class VisualTokens:
         items: what every item is (`ItemInfo`: its image, its kind, its region of the image); adapters
             fill it, reducers that allocate budgets across crops or frames read it.
         scores: named per-token scores (N,) computed by earlier stages (e.g. ``"cls@22"``: CLS attention
-            summed over heads at vision layer 22; ``"key"``: 1.0 for tokens a later stage must not drop).
+            summed over heads at vision layer 22; ``"key"``: 1.0 for tokens a later stage must not drop), or
+            per-token vectors (N, K) (``"keys@feature"``: the vision tower's keys of the visual features).
             Carried through `select` (indexed) and `group` (summed over members).
     """
 
@@ -130,21 +131,32 @@ class VisualTokens:
         )
 
     def group(
-        self, assign: Tensor, num_groups: int, weighted: bool = True, features: Tensor | None = None
+        self,
+        assign: Tensor,
+        num_groups: int,
+        weighted: bool = True,
+        features: Tensor | None = None,
+        rep: Tensor | None = None,
     ) -> VisualTokens:
         """Combine tokens into `num_groups` tokens; `assign[i]` is the group of token i (-1 drops it).
 
         A group's features are the (size-weighted, if `weighted`) mean of its members unless `features`
-        (num_groups, D) are given; its size is the sum of the members' sizes; its origin is that of its
-        first member. Groups keep the order of their first members, so spatial order is preserved.
+        (num_groups, D) are given; its size is the sum of the members' sizes; its scores are the sums of its
+        members' scores (per row for vector-valued scores). Its origin is that of its first member, and
+        groups keep the order of their first members, so spatial order is preserved; or, with `rep`
+        (num_groups,) long, group g takes the origin of member ``rep[g]`` (the token the others were merged
+        into) and groups keep the order of their ids.
         """
         n = len(self)
-        idx = torch.arange(n, device=assign.device)
-        first = torch.full((num_groups,), n, dtype=torch.long, device=assign.device)
         kept = assign >= 0
-        first = first.scatter_reduce(0, assign[kept], idx[kept], reduce="amin")
-        if bool((first == n).any()):
-            raise ValueError("group(): every group id in [0, num_groups) needs at least one member")
+        if rep is None:
+            idx = torch.arange(n, device=assign.device)
+            first = torch.full((num_groups,), n, dtype=torch.long, device=assign.device)
+            first = first.scatter_reduce(0, assign[kept], idx[kept], reduce="amin")
+            if bool((first == n).any()):
+                raise ValueError("group(): every group id in [0, num_groups) needs at least one member")
+        elif tuple(rep.shape) != (num_groups,):
+            raise ValueError(f"group(): rep must have shape ({num_groups},), got {tuple(rep.shape)}")
         size = torch.zeros(num_groups, device=self.size.device, dtype=self.size.dtype)
         size = size.index_add(0, assign[kept], self.size[kept])
         if features is None:
@@ -156,9 +168,13 @@ class VisualTokens:
             acc = acc.index_add(0, assign[kept], self.features[kept].float() * w[:, None])
             features = (acc / denom[:, None]).to(self.features.dtype)
         scores = {
-            k: torch.zeros(num_groups, device=v.device, dtype=torch.float32).index_add(0, assign[kept], v[kept].float())
+            k: torch.zeros((num_groups, *v.shape[1:]), device=v.device, dtype=torch.float32).index_add(
+                0, assign[kept], v[kept].float()
+            )
             for k, v in self.scores.items()
         }
+        if rep is not None:
+            return self._reindex(assign, rep, features, size, scores)
         # reorder groups by their first member so the output keeps the input order
         order = torch.argsort(first, stable=True)
         rank = torch.empty_like(order)

@@ -101,10 +101,15 @@ def dynamic_frame_count(duration: float, base: int = 96, alpha: int = 64) -> int
 
 @dataclass(frozen=True)
 class DynamicSampling:
-    """QuoTA's dynamic frame count (``T = base + floor(duration_s / 3600 * alpha)``), then uniform sampling."""
+    """QuoTA's dynamic frame count (``T = base + floor(duration_s / 3600 * alpha)``), then uniform sampling.
+
+    ``repeat=False`` (default) samples at most the clip's frames; ``repeat=True`` always samples T, repeating
+    frames of a shorter clip, as QuoTA's release does (its loader forces ``linspace(0, n - 1, T)``).
+    """
 
     base: int = 96
     alpha: int = 64
+    repeat: bool = False
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -258,7 +263,8 @@ def load_video(
         rule = DynamicSampling() if dynamic is True else dynamic
         if not isinstance(rule, DynamicSampling):
             raise InputError(f"dynamic must be True or a DynamicSampling, got {dynamic!r}")
-        indices = uniform_indices(dynamic_frame_count(info.duration, rule.base, rule.alpha), info.num_frames)
+        indices = uniform_indices(dynamic_frame_count(info.duration, rule.base, rule.alpha), info.num_frames,
+                                  allow_repeats=bool(rule.repeat))
     frames, indices = _read(info.path, indices, backend, size, clamp=True)
     return Frames(frames, indices, indices / info.fps, info)
 

@@ -93,13 +93,18 @@ def full_grid_features(batch: list[VisualTokens], what: str) -> Tensor:
 
 def pooled_scores(tower: list[VisualTokens], llm: list[VisualTokens], grid: tuple[int, int], stride: int
                   ) -> list[VisualTokens]:
-    """Carry the tower tokens' scores (attention mass) to the pooled grid: summed over each stride x stride window."""
+    """Carry the tower tokens' scores (attention mass) to the pooled grid: summed over each stride x stride window.
+
+    Vector-valued scores (the tower's keys) do not carry over: a pooled token has no keys of its own.
+    """
     if not tower or not tower[0].scores:
         return llm
     out = []
     for t, v in zip(tower, llm):
         scores = {}
         for name, s in t.scores.items():
+            if s.dim() != 1:
+                continue
             x = s.reshape(t.num_items, 1, *grid).float()
             scores[name] = (torch.nn.functional.avg_pool2d(x, stride) * stride * stride).flatten()
         out.append(v.with_scores(**scores))

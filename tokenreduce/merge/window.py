@@ -23,9 +23,9 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from .. import kernels
 from ..encoder import EncoderReducer, VisionTower
 from ..errors import PlanError
 from ..plan import Context, Probe
@@ -42,15 +42,9 @@ def window_similarity(x: Tensor, window: int) -> Tensor:
         window: window side k; only the hh = h // k by ww = w // k full windows are scored.
 
     Returns:
-        (G, hh, ww) fp32 similarities in [-1, 1].
+        (G, hh, ww) fp32 similarities in [-1, 1] (`tokenreduce.kernels.window_similarity` with stride k).
     """
-    g, h, w, d = x.shape
-    hh, ww, k = h // window, w // window, window
-    win = x[:, : hh * k, : ww * k].float().reshape(g, hh, k, ww, k, d).permute(0, 1, 3, 2, 4, 5)
-    win = F.normalize(win.reshape(g, hh, ww, k * k, d), dim=-1)
-    total = win.sum(-2).pow(2).sum(-1)  # |sum of unit vectors|^2 = sum over all ordered pairs incl. self
-    n = k * k
-    return (total - n) / (n * (n - 1))
+    return kernels.window_similarity(x, window)
 
 
 @register_reducer
@@ -112,40 +106,46 @@ class MustDropVision(EncoderReducer):
         return batch
 
     def merge(self, tokens: VisualTokens) -> VisualTokens:
-        """Merge every window of every item whose similarity reaches the threshold."""
-        n = len(tokens)
-        assign = torch.arange(n, device=tokens.features.device)
-        k = self.window
+        """Merge every window of every item whose similarity reaches the threshold.
+
+        Items with the same grid are scored and merged in one `kernels.window_merge` call.
+        """
+        dev = tokens.features.device
+        raster = torch.argsort(tokens.item * (1 << 32) + tokens.row * (1 << 16) + tokens.col, stable=True)
+        counts = tokens.item_counts().tolist()
+        starts = [0]
+        for c in counts:
+            starts.append(starts[-1] + c)
+        by_grid: dict[tuple[int, int], list[int]] = {}
         for i, (h, w) in enumerate(tokens.grids):
-            if k > min(h, w):
+            if self.window > min(h, w):
                 raise PlanError(
-                    f"{self.name}: window={k} does not fit the {h}x{w} token grid of image/frame {i}; "
+                    f"{self.name}: window={self.window} does not fit the {h}x{w} token grid of image/frame {i}; "
                     f"use window <= {min(h, w)}"
                 )
-            idx = torch.nonzero(tokens.item == i).flatten()
-            if idx.numel() != h * w:
+            if counts[i] != h * w:
                 raise PlanError(
                     f"{self.name}: item {i} is no longer a full {h}x{w} grid at vision layer {self.layer}; "
                     "put mustdrop-vision before other reducers that act in the vision tower"
                 )
-            idx = idx[torch.argsort(tokens.row[idx] * w + tokens.col[idx])]  # raster order
-            sim = window_similarity(tokens.features[idx].reshape(1, h, w, -1), k)[0]  # (hh, ww)
-            hh, ww = sim.shape
-            cells = idx.reshape(h, w)[: hh * k, : ww * k].reshape(hh, k, ww, k).permute(0, 2, 1, 3).reshape(hh, ww, -1)
-            valid = (tokens.position[cells] >= 0).all(-1)
-            merge = (sim >= float(self.threshold)) & valid  # (hh, ww)
-            members = cells[merge]  # (m, k*k)
-            assign[members.flatten()] = members[:, :1].expand_as(members).flatten()
-        # group ids: each merged window is one group, every other token its own
-        _, groups = torch.unique(assign, return_inverse=True)
-        return tokens.group(groups, int(groups.max()) + 1, weighted=True)
+            by_grid.setdefault((h, w), []).append(i)
+        assign = torch.empty(len(tokens), dtype=torch.long, device=dev)
+        feats, next_id = [], 0
+        for (h, w), items in by_grid.items():
+            idx = torch.stack([raster[starts[i]:starts[i + 1]] for i in items]).view(len(items), h, w)
+            res = kernels.window_merge(tokens.features[idx], self.window, float(self.threshold),
+                                       valid=tokens.position[idx] >= 0, size=tokens.size[idx])
+            assign[idx.flatten()] = res.assign + next_id
+            feats.append(res.features)
+            next_id += res.features.shape[0]
+        # merged windows are one token each (the size-weighted mean), every other token stays itself
+        return tokens.group(assign, next_id, features=torch.cat(feats).to(tokens.features.dtype))
 
     def mark_keys(self, tokens: VisualTokens) -> VisualTokens:
         """scores["key"] = 1 for the top key_ratio of each item's (valid) tokens by CLS attention."""
-        attn = tokens.scores[self._key_probe].masked_fill(tokens.position < 0, -1.0)
-        key = torch.zeros(len(tokens), device=attn.device)
-        for i in range(tokens.num_items):
-            idx = torch.nonzero((tokens.item == i) & (tokens.position >= 0)).flatten()
-            top = math.ceil(float(self.key_ratio) * idx.numel())
-            key[idx[torch.argsort(attn[idx], descending=True, stable=True)[:top]]] = 1.0
-        return tokens.with_scores(key=key)
+        valid = tokens.position >= 0
+        counts = torch.bincount(tokens.item[valid], minlength=tokens.num_items).tolist()
+        top = torch.tensor([math.ceil(float(self.key_ratio) * c) for c in counts], dtype=torch.long,
+                           device=tokens.item.device)
+        keys = kernels.segment_topk(tokens.scores[self._key_probe], torch.where(valid, tokens.item, -1), top)
+        return tokens.with_scores(key=keys.float())

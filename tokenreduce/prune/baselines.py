@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from .. import kernels
 from ..errors import BudgetError, PlanError
 from ..params import short
 from ..plan import BudgetedReducer, Context, Stage
@@ -45,6 +47,11 @@ class RandomDrop(BudgetedReducer):
         return tokens.select(index)
 
 
+@functools.lru_cache(maxsize=256)
+def _pool_table(h: int, w: int, k: int) -> Tensor:
+    return pool_assignment(h, w, k)
+
+
 def pool_assignment(h: int, w: int, k: int, device=None) -> Tensor:
     """Assign each cell of an (h, w) grid to one of exactly `k` near-uniform rectangular bins.
 
@@ -53,7 +60,7 @@ def pool_assignment(h: int, w: int, k: int, device=None) -> Tensor:
     exactly 2x2 pooling. Returns (h*w,) long bin ids in raster order of the bins.
     """
     if not 1 <= k <= h * w:
-        raise BudgetError(f"pool: cannot make {k} bins out of a {h}x{w} grid")
+        raise BudgetError(f"pool: cannot pool a {h}x{w} grid into {k} tokens (1 to {h * w})")
     bands = max(1, min(h, k, round((k * h / w) ** 0.5)))
     per_band = torch.full((bands,), k // bands, dtype=torch.long)
     per_band[: k % bands] += 1
@@ -78,7 +85,10 @@ class Pool(BudgetedReducer):
     """Uniform spatial downsampling: average each image's/frame's token grid into exactly k bins.
 
     k = the item's share of the budget. Bins are near-square rectangles (2x2 average pooling when
-    k = h*w/4), so every original token is in exactly one kept token.
+    k = h*w/4), so every original token is in exactly one kept token. Every image/frame keeps at least one
+    token, so the budget must be at least their number (else `BudgetError`); a reducer that drives pool
+    with its own per-frame budgets (QuoTA's resize="pool") may give a frame 0 tokens, which drops it.
+    Shapes: all items in one pass (bins from a per-grid-shape table, the means from `kernels.scatter_mean`).
     """
 
     name = "pool"
@@ -87,23 +97,55 @@ class Pool(BudgetedReducer):
     summary = "baseline: average-pool each image/frame token grid to the budget"
 
     def reduce_sample(self, tokens: VisualTokens, ctx: Context) -> VisualTokens:
-        assign = torch.full((len(tokens),), -1, dtype=torch.long, device=tokens.features.device)
-        offset = 0
-        for i, k in enumerate(self.item_budgets(tokens)):
-            idx = torch.nonzero(tokens.item == i).flatten()
-            if idx.numel() == 0:
+        dev = tokens.features.device
+        counts = tokens.item_counts().tolist()
+        live = sum(c > 0 for c in counts)
+        if getattr(self, "fixed_item_budgets", None) is None and self.budget(len(tokens)) < live:
+            what = "frames" if any(i.kind == "frame" for i in tokens.items) else "images or crops"
+            raise BudgetError(
+                f"pool: a budget of {self.budget(len(tokens))} visual tokens is fewer than the {live} {what} of the "
+                f"sample; pooling keeps at least one token of each: give tokens >= {live}"
+            )
+        ks = self.item_budgets(tokens)
+        n_items = tokens.num_items
+        big = torch.iinfo(torch.long).max
+        # each item's tokens must fill a rectangle of its grid: the whole grid, or what anyres unpadding left
+        r0 = torch.full((n_items,), big, device=dev).scatter_reduce(0, tokens.item, tokens.row, "amin")
+        c0 = torch.full((n_items,), big, device=dev).scatter_reduce(0, tokens.item, tokens.col, "amin")
+        r1 = torch.full((n_items,), -1, device=dev).scatter_reduce(0, tokens.item, tokens.row, "amax")
+        c1 = torch.full((n_items,), -1, device=dev).scatter_reduce(0, tokens.item, tokens.col, "amax")
+        hs, ws = (r1 - r0 + 1).tolist(), (c1 - c0 + 1).tolist()
+        tables, table_of_item, offset = [], [], []
+        shapes: dict[tuple[int, int, int], int] = {}
+        total = 0
+        for i, (c, k) in enumerate(zip(counts, ks)):
+            offset.append(total)
+            if c == 0 or k == 0:
+                table_of_item.append(-1)
                 continue
-            # the item's tokens must fill a rectangle of its grid: the whole grid, or what anyres
-            # unpadding left of a crop
-            r0, c0 = int(tokens.row[idx].min()), int(tokens.col[idx].min())
-            h, w = int(tokens.row[idx].max()) - r0 + 1, int(tokens.col[idx].max()) - c0 + 1
-            if idx.numel() != h * w:
+            h, w = hs[i], ws[i]
+            if c != h * w:
                 gh, gw = tokens.grids[i]
                 raise BudgetError(
-                    f"pool: item {i} has {idx.numel()} tokens, not a full rectangle of its {gh}x{gw} grid; "
+                    f"pool: item {i} has {c} tokens, not a full rectangle of its {gh}x{gw} grid; "
                     "put pool before any other reducer of the same stage"
                 )
-            cell = (tokens.row[idx] - r0) * w + (tokens.col[idx] - c0)
-            assign[idx] = pool_assignment(h, w, k, tokens.features.device)[cell] + offset
-            offset += k
-        return tokens.group(assign, offset, weighted=True)
+            key = (h, w, k)
+            if key not in shapes:
+                shapes[key] = len(tables)
+                tables.append(_pool_table(h, w, k))
+            table_of_item.append(shapes[key])
+            total += k
+        cells = max(t.numel() for t in tables) if tables else 1
+        table = torch.full((len(tables) + 1, cells), -1, dtype=torch.long)
+        for j, t in enumerate(tables):
+            table[j, : t.numel()] = t
+        table = table.to(dev)
+        which = torch.tensor(table_of_item, dtype=torch.long, device=dev)[tokens.item]  # -1: the all -1 row
+        cell = (tokens.row - r0[tokens.item]) * torch.tensor(ws, device=dev)[tokens.item] + (tokens.col
+                                                                                             - c0[tokens.item])
+        local = table[which, cell.clamp(0, cells - 1)]
+        base = torch.tensor(offset, dtype=torch.long, device=dev)[tokens.item]
+        assign = torch.where(local >= 0, local + base, -1)
+        feats, _ = kernels.scatter_mean(tokens.features, assign, total, tokens.size, weighted=True, check=False)
+        return tokens.group(assign, total, features=feats)

@@ -7,6 +7,14 @@ at an early vision layer, to the overview patches lying inside the crop's region
 keeps its top tokens by CLS attention at the feature layer, summed over heads. Kept tokens stay in their
 original order. Single-grid images (LLaVA-1.5) are one partition.
 
+Rounding: the sample's budget is ``round(keep x N)`` (halves up), as for every budgeted reducer, where the
+release truncates (``int(partitions x 576 x rate)``): one token more at some ratios, e.g. keep=0.3 of 576
+tokens gives 173 here and 172 in the release (0.2 and 0.4 of 576 and 2880, the paper's settings, agree).
+A rounded budget gives every reducer the same token count for the same `keep`, so their comparison is fair;
+`tokens=` sets the count exactly. Inside an anyres image the overview's share is truncated as in the release
+(``floor(alpha x budget)``), and the crops' shares are rounded by largest remainder so that they sum exactly
+(the release truncates each crop's share and loses the remainders).
+
 Differences from the released code, on purpose (each one a bug there):
 - crops get their share from the overview patches that really lie inside them (the release reshapes the
   24x24 map into horizontal bands, so crop (0, 0) is scored by the top rows of the whole image);
@@ -25,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .. import kernels
 from ..errors import PlanError
 from ..plan import BudgetedReducer, Context, Probe, Stage, allocate, split_budget
 from ..registry import register_reducer
@@ -91,14 +100,15 @@ class HiRED(BudgetedReducer):
         n_images = int(images.max()) + 1
         counts = torch.bincount(img_of_token, minlength=n_images).tolist()
         budgets = split_budget(self.budget(len(tokens)), counts, floor=0)
-        keep = []
+        per_item = [0] * tokens.num_items
         for img, budget in enumerate(budgets):
             parts = [i for i in range(tokens.num_items) if tokens.items[i].image == img]
             for item, k in zip(parts, self.partition_budgets(tokens, parts, budget, init_name)):
-                idx = torch.nonzero(tokens.item == item).flatten()
-                order = torch.argsort(final[idx], descending=True, stable=True)
-                keep.append(idx[order[:k]])
-        return tokens.select(torch.sort(torch.cat(keep)).values)
+                per_item[item] = k
+        # every partition's top tokens by feature-layer CLS attention in one call (ties: the earlier token)
+        k = torch.tensor(per_item, dtype=torch.long, device=final.device)
+        keep = kernels.segment_topk(final, tokens.item, k)
+        return tokens.select(torch.nonzero(keep).flatten())
 
     def partition_budgets(self, tokens: VisualTokens, parts: list[int], budget: int, init_name: str) -> list[int]:
         """Budget of each item (partition) of one image; sums exactly to `budget`."""

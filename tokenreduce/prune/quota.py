@@ -19,14 +19,24 @@ Differences from the released code, on purpose:
 - budgets are exact: largest-remainder rounding, at least `floor` tokens per frame (no frame vanishes,
   so the time prompt stays true), and at most the frame's own tokens (no upsampling above the model's
   grid), with what a capped frame cannot take handed on to the others;
-- the weights are an explicit argument, not smuggled through `images` (which broke batches of two).
-Resizing happens on the grid the LLM sees (LLaVA-OneVision: the pooled 14x14 grid), so with uniform
-scores and 196 tokens per frame it reproduces the stock sequence exactly.
+- the weights are an explicit argument, not smuggled through `images` (which broke batches of two);
+- a frame's share n becomes the largest grid within n (`grid="fill"`: 130 tokens of a 14x14 frame -> 10x13,
+  30 -> 5x6); the release takes floor(sqrt(n)) rows and columns plus one row if it fits (130 -> 11x11 = 121,
+  30 -> 6x5), leaving up to sqrt(n) of the share unused: `grid="release"` reproduces it (tested against a
+  transcription);
+- frame sampling (`tokenreduce.video`, ``dynamic=True``): the release samples T = 96 + ... frames even from
+  a shorter clip, repeating frames (60 frames -> 96 with repeats); we sample at most the clip's frames, so a
+  budget is not spent twice on one frame: ``DynamicSampling(repeat=True)`` reproduces the release.
+Resizing starts from the finest grid the model has, as the release does: LLaVA-OneVision's projected 27x27
+frames before its 2x2 pooling (`Context.raw_grids`), else the grid the LLM sees. A frame whose share is its
+whole pooled grid keeps the model's own pooled tokens, so with uniform scores and 196 tokens per frame the
+stock sequence comes out exactly. All frames resized to the same grid are interpolated in one call.
 """
 
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import time
 from collections.abc import Callable
@@ -77,8 +87,21 @@ def frame_budgets(total: int, weights: list[float], counts: list[int], floor: in
     return [b + r for b, r in zip(base, rest)]
 
 
-def grid_shape(n: int, h: int, w: int) -> tuple[int, int]:
-    """The largest grid with at most n cells and at most h x w, close to the frame's aspect ratio."""
+def grid_shape(n: int, h: int, w: int, rule: str = "fill") -> tuple[int, int]:
+    """The grid a frame of h x w tokens is resized to for a share of n tokens (never larger than h x w).
+
+    rule "fill" (default): the largest grid with at most n cells, closest to the frame's aspect ratio (130 of
+    a 14 x 14 frame -> 10 x 13 = 130). rule "release": QuoTA's, s = floor(sqrt(n)), then s + 1 rows if
+    (s + 1) x s <= n (130 -> 11 x 11 = 121; 30 -> 6 x 5); it assumes a square frame, so a non-square frame
+    uses "fill". Where the release would upsample (n > h x w) the frame keeps its own grid.
+    """
+    if rule not in ("fill", "release"):
+        raise PlanError(f"quota: grid must be 'fill' or 'release', got {rule!r}")
+    if n >= h * w:
+        return h, w
+    if rule == "release" and h == w:
+        s = math.isqrt(n)
+        return (s + 1, s) if s * s < n and (s + 1) * s <= n else (s, s)
     best = (1, 1)
     for rows in range(1, h + 1):
         cols = min(w, n // rows)
@@ -91,28 +114,70 @@ def grid_shape(n: int, h: int, w: int) -> tuple[int, int]:
     return best
 
 
-def bilinear_resize(tokens: VisualTokens, item: int, n: int) -> tuple[Tensor, Tensor, int]:
-    """Resize one item's full token grid to the largest grid of at most `n` cells (bilinear, no corners).
+def resize_frames(tokens: VisualTokens, budgets: list[int], rule: str = "fill",
+                  raw: Tensor | None = None) -> tuple[Tensor, Tensor, int]:
+    """Resize every frame's token grid to the grid of its share (QuoTA v1), all frames of one shape at once.
 
-    Returns (assign (k,) group of each of the item's tokens, features (g, D), g groups). Each original
-    token belongs to the output cell covering its centre, so origins stay exact.
+    Args:
+        tokens: the sample's tokens; every frame with a share must still be its full grid (or a full rectangle).
+        budgets: tokens per item (0: the item is dropped).
+        rule: `grid_shape` rule, "fill" or "release".
+        raw: optional (n_items, H, W, D) projected features before the model pooled them (`Context.raw_grids`):
+            frames are resized from these, as QuoTA's release does (27x27 for LLaVA-OneVision), instead of from
+            the pooled grid the tokens hold. A share equal to the whole pooled grid keeps the pooled tokens.
+
+    Returns:
+        assign: (N,) long, the output token of every token (-1: dropped).
+        features: (M, D) the resized frames, item after item, each in raster order.
+        M: output tokens.
     """
-    idx = torch.nonzero(tokens.item == item).flatten()
-    r0, c0 = int(tokens.row[idx].min()), int(tokens.col[idx].min())
-    h, w = int(tokens.row[idx].max()) - r0 + 1, int(tokens.col[idx].max()) - c0 + 1
-    if idx.numel() != h * w:
-        raise PlanError("quota: resize='bilinear' needs every frame's full token grid; put quota first")
-    order = torch.argsort((tokens.row[idx] - r0) * w + (tokens.col[idx] - c0))
-    idx = idx[order]
-    gh, gw = grid_shape(n, h, w)
-    grid = tokens.features[idx].T.reshape(1, -1, h, w).float()
-    out = F.interpolate(grid, size=(gh, gw), mode="bilinear", align_corners=False)[0].reshape(-1, gh * gw).T
-    rows = (torch.arange(h, device=idx.device) * gh) // h
-    cols = (torch.arange(w, device=idx.device) * gw) // w
-    cell = (rows[:, None] * gw + cols[None, :]).flatten()
-    assign = torch.full((len(tokens),), -1, dtype=torch.long, device=idx.device)
-    assign[idx] = cell
-    return assign, out.to(tokens.features.dtype), gh * gw
+    dev = tokens.features.device
+    n_items = tokens.num_items
+    big = torch.iinfo(torch.long).max
+    r0 = torch.full((n_items,), big, device=dev).scatter_reduce(0, tokens.item, tokens.row, "amin")
+    c0 = torch.full((n_items,), big, device=dev).scatter_reduce(0, tokens.item, tokens.col, "amin")
+    r1 = torch.full((n_items,), -1, device=dev).scatter_reduce(0, tokens.item, tokens.row, "amax")
+    c1 = torch.full((n_items,), -1, device=dev).scatter_reduce(0, tokens.item, tokens.col, "amax")
+    counts = tokens.item_counts().tolist()
+    hs, ws = (r1 - r0 + 1).tolist(), (c1 - c0 + 1).tolist()
+    order = torch.argsort(tokens.item * (1 << 40) + tokens.row * (1 << 20) + tokens.col, stable=True)
+    starts = [0]
+    for c in counts:
+        starts.append(starts[-1] + c)
+    shapes: dict[tuple[int, int, int, int], list[int]] = {}
+    offset, out_first = 0, []
+    for i, k in enumerate(budgets):
+        out_first.append(offset)
+        if k == 0 or counts[i] == 0:
+            continue
+        h, w = hs[i], ws[i]
+        if counts[i] != h * w:
+            raise PlanError("quota: resize='bilinear' needs every frame's full token grid; put quota first")
+        gh, gw = grid_shape(k, h, w, rule)
+        shapes.setdefault((h, w, gh, gw), []).append(i)
+        offset += gh * gw
+    d = tokens.features.shape[1]
+    feats = tokens.features.new_empty(offset, d)
+    assign = torch.full((len(tokens),), -1, dtype=torch.long, device=dev)
+    if raw is not None and (raw.dim() != 4 or raw.shape[0] != n_items):
+        raise UnsupportedModelError(f"quota: the model's raw grids {tuple(raw.shape)} do not match the sample's "
+                                    f"{n_items} frames")
+    for (h, w, gh, gw), items in shapes.items():
+        idx = torch.stack([order[starts[i]:starts[i + 1]] for i in items])  # (U, h*w) raster order
+        base = torch.tensor([out_first[i] for i in items], device=dev)
+        rows = (torch.arange(h, device=dev) * gh) // h
+        cols = (torch.arange(w, device=dev) * gw) // w
+        cell = (rows[:, None] * gw + cols[None, :]).flatten()
+        assign[idx.flatten()] = (base[:, None] + cell).flatten()
+        slots = (base[:, None] + torch.arange(gh * gw, device=dev)).flatten()
+        if (gh, gw) == (h, w):  # the whole grid: the tokens themselves (the model's own pooling)
+            feats[slots] = tokens.features[idx.flatten()]
+            continue
+        src = raw[items].to(dev) if raw is not None else tokens.features[idx].view(len(items), h, w, d)
+        grid = src.permute(0, 3, 1, 2).float()
+        out = F.interpolate(grid, size=(gh, gw), mode="bilinear", align_corners=False)
+        feats[slots] = out.flatten(2).transpose(1, 2).flatten(0, 1).to(feats.dtype)
+    return assign, feats, offset
 
 
 @register_reducer
@@ -133,6 +198,8 @@ class QuoTA(BudgetedReducer):
         decouple: first let the model (text only) turn the question into a list of objects (QuoTA's CoT
             query decoupling) and ask each frame about those objects; falls back to `prompt` when the
             answer names none. Its time is reported as "decouple:quota" (part of "score:quota").
+        grid: the bilinear grid for a frame's share (`grid_shape`): "fill" (the largest grid within the share,
+            default) or "release" (QuoTA's near-square grids, which leave up to sqrt(share) tokens unused).
     """
 
     name = "quota"
@@ -146,6 +213,7 @@ class QuoTA(BudgetedReducer):
     prompt: str = FRAME_PROMPT
     batch: int = 16
     decouple: bool = False
+    grid: str = "fill"
 
     def validate(self) -> None:
         super().validate()
@@ -157,6 +225,8 @@ class QuoTA(BudgetedReducer):
             raise PlanError(f"quota: floor must be an integer >= 0, got {self.floor!r}")
         if isinstance(self.batch, bool) or not isinstance(self.batch, int) or self.batch < 1:
             raise PlanError(f"quota: batch must be an integer >= 1, got {self.batch!r}")
+        if self.grid not in ("fill", "release"):
+            raise PlanError(f"quota: grid must be 'fill' or 'release', got {self.grid!r}")
         if self.resize != "bilinear":
             try:
                 inner = get_reducer(self.resize)
@@ -188,16 +258,8 @@ class QuoTA(BudgetedReducer):
             inner = get_reducer(self.resize)(tokens=max(1, sum(budgets)))
             inner.fixed_item_budgets = budgets
             return inner.reduce([tokens], [ctx])[0]
-        assign = torch.full((len(tokens),), -1, dtype=torch.long, device=tokens.features.device)
-        feats, offset = [], 0
-        for i, k in enumerate(budgets):
-            if k == 0 or counts[i] == 0:
-                continue
-            a, f, g = bilinear_resize(tokens, i, k)
-            assign = torch.where(a >= 0, a + offset, assign)
-            feats.append(f)
-            offset += g
-        return tokens.group(assign, offset, features=torch.cat(feats))
+        assign, feats, total = resize_frames(tokens, budgets, self.grid, ctx.raw_grids)
+        return tokens.group(assign, total, features=feats)
 
     def score(self, tokens: VisualTokens, ctx: Context) -> Tensor:
         """(num_items,) relevance of every frame (item) of the sample, in [0, 1]."""
@@ -419,5 +481,5 @@ class ClipScorer:
 #: scorers are callables; this alias documents the signature
 FrameScorer = Callable[[Tensor, str, Context], Tensor]
 
-__all__ = ["ClipScorer", "FrameScorer", "QuoTA", "bilinear_resize", "decouple_query", "frame_budgets", "frame_weights",
-           "grid_shape", "parse_decoupled", "vlm_yes_probability"]
+__all__ = ["ClipScorer", "FrameScorer", "QuoTA", "decouple_query", "frame_budgets", "frame_weights",
+           "grid_shape", "parse_decoupled", "resize_frames", "vlm_yes_probability"]
