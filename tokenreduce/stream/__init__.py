@@ -1,0 +1,6 @@
+"""Streaming video: STC's cacher (`stc-cache`) and pruner (`stc-prune`), and `StreamingSession`."""
+
+from .cacher import CacherState, STCCache
+from .pruner import PrunerMemory, STCPrune
+
+__all__ = ["CacherState", "PrunerMemory", "STCCache", "STCPrune"]
