@@ -2,5 +2,6 @@
 
 from .cacher import CacherState, STCCache
 from .pruner import PrunerMemory, STCPrune
+from .session import StreamingSession
 
-__all__ = ["CacherState", "PrunerMemory", "STCCache", "STCPrune"]
+__all__ = ["CacherState", "PrunerMemory", "STCCache", "STCPrune", "StreamingSession"]

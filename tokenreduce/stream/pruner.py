@@ -114,8 +114,8 @@ class STCPrune(BudgetedReducer):
     """STC-Pruner: per frame, the tokens least similar to the frame's mean and to the stream's memory.
 
     Fields:
-        keep: fraction of each frame's tokens to keep (default 0.33, the paper's 64 of 196); or tokens= per
-            sample (split evenly over its frames; in a `StreamingSession` each frame is a sample).
+        keep: fraction of each frame's tokens to keep, rounded per frame (default 0.33, the paper's 64 of 196);
+            or tokens= per sample (split evenly over its frames; in a `StreamingSession` each frame is a sample).
         channel_keep: share of lowest-variance channels the scores are computed in (0.5).
         strategy: "gaussian" (released code, default) or "dual-anchor".
         alpha: the memory's weight in "dual-anchor".
@@ -149,6 +149,13 @@ class STCPrune(BudgetedReducer):
             raise PlanError(f"stc-prune: alpha must be in [0, 1], got {self.alpha!r}")
         if not isinstance(self.faithful, bool):
             raise PlanError(f"stc-prune: faithful must be true or false, got {self.faithful!r}")
+
+    def item_budgets(self, tokens: VisualTokens) -> list[int]:
+        """keep=: that fraction of every frame (STC's constant per-frame budget, so a frame keeps the same tokens
+        offline and in a stream); tokens=: the sample's budget split evenly over its frames."""
+        if self.keep is None:
+            return super().item_budgets(tokens)
+        return [self.budget(int(n)) if n else 0 for n in tokens.item_counts().tolist()]
 
     def new_memory(self) -> PrunerMemory:
         """The memory a new stream starts with (faithful: the reducer's one shared memory)."""
