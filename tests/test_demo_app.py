@@ -133,3 +133,47 @@ def test_bad_questions(client):
     # a free-form question: the default model answers it with an empty string, and says so
     ans = events(client.post("/api/ask", json={"sid": sid, "question": "What happened?"}).text)
     assert ans[-1][0] == "answer" and ans[-1][1]["letter"] is None
+
+
+def test_the_demo_command_serves_the_page_and_stops(tmp_path):
+    """`tokenreduce demo --host 127.0.0.1 --port P` (the README's command) serves the page on a free port, and
+    ends when it is told to."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "tokenreduce.cli", "demo", "--host", "127.0.0.1", "--port", str(port),
+           "--threads", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        deadline, page = time.time() + 120, None
+        while page is None:
+            assert proc.poll() is None, proc.stdout.read()
+            assert time.time() < deadline, "tokenreduce demo did not serve its page within 120 s"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+                    page = r.read().decode()
+            except OSError:
+                time.sleep(0.5)
+        assert "<canvas" in page and "tokenreduce" in page.lower()
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=60)
+    assert f"http://127.0.0.1:{port}" in out
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--port", "0"], "--port must be in 1..65535"),
+    (["--max-upload-mb", "-1"], "--max-upload-mb must be positive"),
+])
+def test_the_demo_command_refuses_bad_arguments(argv, match, capsys):
+    from tokenreduce.cli import main
+
+    assert main(["demo", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert match in err and len(err.splitlines()) == 1

@@ -354,6 +354,7 @@ def test_stats_account_for_the_stream(zoo):
     assert st["kv_tokens"] == st["prompt_tokens"] + 17 - 1  # the newline enters only with a question
     assert st["reference_frames"] == 2 and [r["reference"] for r in recs] == [True, False, True, False]
     assert st["vision_ms_saved"] == pytest.approx(sum(r["saved_ms"] for r in recs))
+    assert recs[1]["saved_ms"] == 0.0  # one reference frame timed so far: no saving is claimed yet
     assert s.last_kept["grid"] == (4, 4) and len(s.last_kept["rows"]) == 4
     assert st["kv_bytes"] > 0 and st["last_answer_ms"] is None
 

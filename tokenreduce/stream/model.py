@@ -56,8 +56,10 @@ class StreamModel:
         self.per_frame = self.spec.tokens(2) - self.spec.tokens(1)
         self.trailer = self.spec.tokens(1) - self.per_frame
         probe = torch.zeros(1, 1, 3, self.spec.size, self.spec.size)
-        vis = self.adapter.visual_inputs({"pixel_values_videos": probe})  # sets the adapter's video mode
-        self.tower: VisionTower = self.adapter.tower()
+        vis = self.adapter.visual_inputs({"pixel_values_videos": probe})
+        if vis is None or vis.modality != "video":
+            raise UnsupportedModelError(f"{type(model).__name__}'s adapter does not read videos")
+        self.tower: VisionTower = self.adapter.tower(vis)  # the video tower (Video-LLaVA has two)
         lay = vis.layouts[0]
         self.grid: tuple[int, int] = lay.grids[0]
         self._slots = lay.slots

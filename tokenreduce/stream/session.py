@@ -94,7 +94,8 @@ class StreamingSession:
         prompt: a protocol of `tokenreduce.eval.protocols` ("mlvu", "mlvu-lmms", "videomme": the benchmark's
             multiple-choice prompt when `ask` gets options) or a template holding "<video>" and "{question}".
         evict: "oldest" or "score" (see the module doc).
-        keep_positions: kept tokens keep their slots of the full stream as position ids.
+        keep_positions: kept tokens keep their slots of the full stream as position ids (also when the plan
+            string ends in "@positions").
         rerotate: on eviction, move the surviving keys to closed-up positions (see the module doc).
         history: per-frame records kept in `history` (the most recent ones).
     """
@@ -129,7 +130,7 @@ class StreamingSession:
         self.fps = float(fps)
         self.prompt = prompt
         self.evict = evict
-        self.keep_positions = bool(keep_positions)
+        self.keep_positions = bool(keep_positions) or self.plan.keep_positions  # or the plan's "@positions"
         self.rerotate = bool(rerotate)
         self._inv_freq = self.sm.rope() if self.rerotate else None
         self._cacher = next((r for r in self.plan.reducers if isinstance(r, STCCache)), None)
@@ -246,8 +247,10 @@ class StreamingSession:
         saved = 0.0
         if reference:
             self._full_tower_ms.append(tower_ms)
-        elif reference is False and self._full_tower_ms:
-            saved = sorted(self._full_tower_ms)[len(self._full_tower_ms) // 2] - tower_ms
+        elif reference is False and len(self._full_tower_ms) >= 2:
+            # against the lower median of the recent reference frames, and only once two are known, so one slow
+            # (cold) reference frame never inflates the saving
+            saved = sorted(self._full_tower_ms)[(len(self._full_tower_ms) - 1) // 2] - tower_ms
         ft: FrameTokens = self.sm.frame_tokens(hidden, pixels)[0]
         vision_ms = (time.perf_counter() - t_start) * 1e3
         tokens = ft.tokens
@@ -256,7 +259,7 @@ class StreamingSession:
                               tokens.source, tokens.grids, (ItemInfo(kind="frame", index=self._frames),),
                               tokens.scores)
         t_red = time.perf_counter()
-        ctx = Context(sample=0, batch_size=1, model=self.model, pixels=pixels, adapter=self.sm.adapter)
+        ctx = Context(sample=0, batch_size=1, pixels=pixels, tokenizer=self.tokenizer)
         for r in self._visual:
             tokens = r.reduce_frames(tokens, self._memories[id(r)]) if isinstance(r, STCPrune) else \
                 r.reduce([tokens], [ctx])[0]
@@ -493,8 +496,8 @@ class StreamingSession:
     def stats(self) -> dict[str, Any]:
         """frames, seconds, arrived/kept/evicted tokens, visual_tokens and kv_tokens in the cache now, kv_bytes,
         max_tokens, position (next position id), vision_ms (tower + projector + pooling), tower_ms,
-        vision_ms_saved (the cacher's saving: each non-reference frame's tower time against the median of the
-        recent reference frames, measured), reference_frames, llm_ms (appending frames), last_frame_ms,
+        vision_ms_saved (the cacher's saving: each non-reference frame's tower time against the lower median of
+        the recent reference frames, measured; counted from the second reference frame on), reference_frames, llm_ms (appending frames), last_frame_ms,
         answers, last_answer, last_answer_ms, last_ttft_ms, cacher_bytes."""
         with self._lock:
             kv_bytes = sum(t.numel() * t.element_size() for layer in self.cache.layers

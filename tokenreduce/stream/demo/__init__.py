@@ -24,7 +24,7 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         import fastapi  # noqa: F401
-        import multipart  # noqa: F401  (python-multipart, for uploads)
+        import python_multipart  # noqa: F401  (uploads)
         import uvicorn
     except ImportError as e:
         raise InputError(f"the demo needs the demo extra ({e.name} is missing): pip install 'tokenreduce[demo]'"
