@@ -39,7 +39,7 @@ from . import protocols as P
 DATASETS = ("images", "videomme", "mlvu")
 DEFAULT_KEEP = (0.5, 0.25, 0.111)
 IMAGE_REDUCERS = ("random", "pool", "aim-merge", "hired", "aim-merge+aim-prune")
-VIDEO_REDUCERS = ("random", "pool", "aim-merge", "quota", "aim-merge+aim-prune")
+VIDEO_REDUCERS = ("random", "pool", "aim-merge", "quota", "aim-merge+aim-prune", "stc-prune", "stc-cache+stc-prune")
 #: plans whose budget is adaptive (MustDrop's thresholds), run once each. Layers 1/2/3 are MustDrop's 2/6/10/14
 #: of 32 scaled to the 6-layer decoders; the thresholds scale its (0.001, 0.001) on 576 tokens by the token
 #: count, from "drop little" to "drop much". SigLIP (video) has no CLS token for the vision stage, so video runs
@@ -402,13 +402,18 @@ def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike, width: int = 9
 def plan_list(reducers: Sequence[str], n_visual: int, keep: Sequence[float] = DEFAULT_KEEP,
               free: Sequence[str] = FREE_PLANS["image"]) -> list[str]:
     """"none", then every reducer at every budget (``tokens=round(k * n_visual)``; a "+"-joined entry gets the
-    budget on its first reducer), then the plans with budgets of their own."""
+    budget on its first reducer that takes one, e.g. "stc-cache+stc-prune(tokens=b)"), then the plans with budgets
+    of their own."""
+    import tokenreduce as tr
+
     plans = ["none"]
     for k in keep:
         b = max(1, round(k * n_visual))
         for r in reducers:
-            head, *rest = r.split("+")
-            plans.append("+".join([f"{head}(tokens={b})", *rest]))
+            parts = r.split("+")
+            i = next(j for j, part in enumerate(parts) if issubclass(tr.get_reducer(part), tr.BudgetedReducer))
+            parts[i] = f"{parts[i]}(tokens={b})"
+            plans.append("+".join(parts))
     return plans + list(free)
 
 

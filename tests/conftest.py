@@ -64,3 +64,15 @@ def batch_parts(processor):
     texts = [prompt("What is this?"), prompt("Compare the two images in detail, please.", 2), prompt("Colour?")]
     images = [[make_image(2)], [make_image(3), make_image(4)], [make_image(5, (90, 140))]]
     return texts, images
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `browser` drive Debian's chromium with Playwright (`.ci/run` installs both and runs
+    `pytest -m browser`): they run only when the -m expression names them, so `pytest -q` or `-m "not slow"`
+    on a machine without chromium never starts them."""
+    if "browser" in (config.getoption("markexpr") or ""):
+        return
+    skipped = [it for it in items if it.get_closest_marker("browser")]
+    if skipped:
+        config.hook.pytest_deselected(items=skipped)
+        items[:] = [it for it in items if not it.get_closest_marker("browser")]

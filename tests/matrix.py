@@ -49,6 +49,8 @@ MATRIX: dict[str, Case] = {
                             exact=False, tower=True),
     "mustdrop": Case("mustdrop(layers=[1], global_thr=0.02, individual_thr=0.05, threshold=0.3)", None, cls=True,
                      exact=False, tower=True),
+    "stc-prune": Case("stc-prune(keep={keep})", "stc-prune(keep=1.0)"),
+    "stc-cache": Case("stc-cache(ratio=0.25)", None),
     "aim-prune": Case("aim-prune(start=1, step=0.25)", None),
     "mustdrop-prefill": Case("mustdrop-prefill(layers=[1], global_thr=0.035, individual_thr=0.5)",
                              "mustdrop-prefill(layers=[1], global_thr=0, individual_thr=0)"),

@@ -264,6 +264,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_evaluate_arguments(s)
     s.set_defaults(fn=_cmd_evaluate)
+
+    from .stream import demo  # the streaming demo page (the `demo` extra is imported only when it runs)
+
+    s = sub.add_parser("demo", help="the streaming video demo web page (pip install 'tokenreduce[demo]')")
+    demo.add_arguments(s)
+    s.set_defaults(fn=demo.main)
     return p
 
 

@@ -270,6 +270,12 @@ def run_tower(
     probe_at: dict[int, list[Probe]] = {}
     for p in probes:
         probe_at.setdefault(tower.key_layer(p.layer) if p.kind == "keys" else tower.resolve(p.layer), []).append(p)
+    clash = sorted(set(override) & set(probe_at))
+    if clash:
+        raise UnsupportedModelError(
+            f"{override[clash[0]].name} runs vision layer {clash[0]} itself, so the attention that "
+            f"{', '.join(p.name for p in probe_at[clash[0]])} reads there is not computed"
+        )
     feat_layers = sorted(tower.feature_layers)
     last = max([feat_layers[-1] - 1, *acts, *probe_at, *override])
     if acts and len(feat_layers) > 1 and min(acts) < feat_layers[-1] - 1 and min(acts) >= feat_layers[0] - 1:

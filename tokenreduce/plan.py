@@ -132,6 +132,8 @@ class Reducer:
     name: ClassVar[str] = ""
     stage: ClassVar[Stage] = Stage.VISUAL
     summary: ClassVar[str] = ""
+    #: True for reducers that need the question to reduce the visual tokens (QuoTA), which a stream cannot serve
+    query_aware: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -68,7 +68,7 @@ def adapter_for(model) -> type:
 
 
 def _load_builtin() -> None:
-    from . import merge, prune  # noqa: F401  (registers the built-in reducers)
+    from . import merge, prune, stream  # noqa: F401  (registers the built-in reducers)
 
     try:
         import tokenreduce.adapters  # noqa: F401  (registers the built-in adapters)

@@ -205,6 +205,7 @@ class QuoTA(BudgetedReducer):
     name = "quota"
     stage = Stage.VISUAL
     summary = "QuoTA: per-frame budgets by query relevance (frame scorer), then resize each frame"
+    query_aware = True
 
     scorer: Any = "vlm"
     power: float = 2.0
