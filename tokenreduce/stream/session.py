@@ -497,8 +497,8 @@ class StreamingSession:
         """frames, seconds, arrived/kept/evicted tokens, visual_tokens and kv_tokens in the cache now, kv_bytes,
         max_tokens, position (next position id), vision_ms (tower + projector + pooling), tower_ms,
         vision_ms_saved (the cacher's saving: each non-reference frame's tower time against the lower median of
-        the recent reference frames, measured; counted from the second reference frame on), reference_frames, llm_ms (appending frames), last_frame_ms,
-        answers, last_answer, last_answer_ms, last_ttft_ms, cacher_bytes."""
+        the recent reference frames, measured; counted from the second reference frame on), reference_frames,
+        llm_ms (appending frames), last_frame_ms, answers, last_answer, last_answer_ms, last_ttft_ms, cacher_bytes."""
         with self._lock:
             kv_bytes = sum(t.numel() * t.element_size() for layer in self.cache.layers
                            for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
