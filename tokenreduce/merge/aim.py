@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..errors import BudgetError
-from ..plan import BudgetedReducer, Context, Stage
+from ..plan import BudgetedReducer, Context, Stage, param
 from ..registry import register_reducer
 from ..tokens import VisualTokens
 
@@ -92,8 +92,8 @@ class AIMMerge(BudgetedReducer):
     stage = Stage.VISUAL
     summary = "AIM: iterative bipartite merging of similar tokens per image/frame (ICCV'25)"
 
-    weighted: bool = False
-    frames: int = 1
+    weighted: bool = param(False, "merge by size-weighted means (the release: plain means)")
+    frames: int = param(1, "merge across this many adjacent frames of a video (1: within each frame, as AIM)")
 
     def validate(self) -> None:
         super().validate()

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from ..errors import BudgetError, PlanError
-from ..plan import BudgetedReducer, Context, Stage
+from ..plan import BudgetedReducer, Context, Stage, param
 from ..registry import register_reducer
 from ..tokens import VisualTokens
 
@@ -25,7 +25,7 @@ class RandomDrop(BudgetedReducer):
     stage = Stage.VISUAL
     summary = "baseline: keep a seeded random subset of tokens per image/frame"
 
-    seed: int = 0
+    seed: int = param(0, "random seed; the kept set depends only on the sample and the seed")
 
     def validate(self) -> None:
         super().validate()
