@@ -16,12 +16,15 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import math
 import os
 import platform
 import statistics
 import sys
+import textwrap
 import threading
 import time
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,7 @@ import torch
 from .errors import EvalError
 
 DEFAULT_REDUCERS = "aim-merge,random,pool"
+QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl")
 #: 50%, 25% and 11% of the visual tokens (288, 144 and 64 of LLaVA-1.5's 576)
 DEFAULT_KEEP = "0.5,0.25,0.111"
 PROMPT = "Describe the image."
@@ -53,9 +57,19 @@ def _count(minimum: int):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `tokenreduce bench`."""
-    p.add_argument("--preset", default="llava-1.5-7b-shape", help="model preset (default: LLaVA-1.5-7B widths)")
-    p.add_argument("--llm-layers", type=_count(1), default=2, help="LLM decoder layers (default 2, to fit a CPU)")
-    p.add_argument("--vision-layers", type=_count(1), default=None, help="vision layers (default: the preset's)")
+    from tokenreduce.cli import add_model_arguments
+
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--preset", default=None,
+                       help="built-in random-weight model (default llava-1.5-7b-shape: LLaVA-1.5-7B widths; with "
+                       "--video llava-onevision-7b-shape)")
+    add_model_arguments(p, default_model=None, model_help=(
+        "instead of --preset: a local checkpoint folder, a hub id already in the local Hugging Face cache "
+        "(org/name), default (the shipped trained model) or a preset name"), group=which, default_device="auto")
+    p.add_argument("--llm-layers", type=_count(1), default=None,
+                   help="keep the first N LLM decoder layers (default: 2 for presets, to fit a CPU; all for --model)")
+    p.add_argument("--vision-layers", type=_count(1), default=None,
+                   help="keep the first N vision layers (default: all)")
     p.add_argument("--reducers", default=DEFAULT_REDUCERS, help=f"comma list (default {DEFAULT_REDUCERS})")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--keep", default=None,
@@ -66,14 +80,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=_count(0), default=1, help="unmeasured rounds over every plan first")
     p.add_argument("--batch", type=_count(1), default=1, help="copies of the prompt and image per call")
     p.add_argument("--threads", type=_count(1), default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--out", default="bench-results/bench.json", help="JSON path (parent folders are created)")
     p.add_argument("--decode", type=_count(0), default=0,
                    help="also generate this many tokens after the first and report decode tokens/s (default 0)")
     p.add_argument("--video", action="store_true",
-                   help="video bench: a video preset (default llava-onevision-7b-shape) at --frames frames")
+                   help="video bench: a video model (default llava-onevision-7b-shape) at --frames frames")
     p.add_argument("--frames", default="32", help="with --video: comma list of frame counts (default 32)")
+    p.add_argument("--wide", action="store_true", help="print every column (default: the table fits 120 characters)")
     p.add_argument("--image-size", type=_count(28), default=672,
                    help="Qwen2-VL presets: the image's side in pixels (default 672: 576 visual tokens)")
     p.add_argument("--kernels", action="store_true",
@@ -293,31 +306,147 @@ def summarize_stock(runs: list[dict[str, Any]], base: dict[str, Any]) -> dict[st
         "peak_mib": statistics.median(r["peak_mib"] for r in runs),
         "memory_method": runs[0]["memory_method"],
         "hook_overhead_ms": base["ttft_ms"] - ttft,
+        "ttft_ms_spread": (max(r["ttft"] for r in runs) - min(r["ttft"] for r in runs)) * 1e3,
         "repeats": len(runs),
     }
 
 
+@dataclass(frozen=True)
+class Column:
+    """One column of the bench table: record key, header, number format and the legend's explanation."""
+
+    key: str
+    header: str
+    fmt: str
+    legend: str
+    cost: bool = False  # a time or memory cost: never shown below zero
+
+
+#: every column, in the order `--wide` prints them; `NARROW` picks the default ones by priority
 COLUMNS = [
-    ("plan", "plan", "{}"), ("visual_tokens", "vis tok", "{}"), ("visual_layer_avg", "layer avg", "{:.0f}"),
-    ("seq_llm", "LLM seq", "{}"),
-    ("ttft_ms", "TTFT ms", "{:.0f}"), ("vision_ms", "vision ms", "{:.0f}"), ("prefill_ms", "prefill ms", "{:.0f}"),
-    ("reduce_ms", "reduce ms", "{:.1f}"), ("score_ms", "score ms", "{:.0f}"), ("ttft_speedup", "TTFT x", "{:.2f}"),
-    ("ideal_ttft_speedup", "ideal TTFT x", "{:.2f}"), ("ttft_efficiency", "TTFT eff", "{:.2f}"),
-    ("prefill_speedup", "prefill x", "{:.2f}"), ("ideal_prefill_speedup", "ideal prefill x", "{:.2f}"),
-    ("prefill_efficiency", "prefill eff", "{:.2f}"), ("peak_mib", "peak MiB", "{:.0f}"),
-    ("kv_cache_mib", "KV MiB", "{:.1f}"), ("decode_tps", "decode tok/s", "{:.2f}"),
+    Column("plan", "plan", "{}", "`stock`: nothing attached; `none`: attached, no reducers (the baseline of every x)"),
+    Column("visual_tokens", "vis tok", "{}", "visual tokens entering the LLM per sample"),
+    Column("visual_layer_avg", "layer avg", "{:.0f}",
+           "visual tokens averaged over the LLM layers (in-LLM pruning; the count MustDrop and AIM quote)"),
+    Column("seq_llm", "LLM seq", "{}", "sequence length entering the LLM (text, visual and extra tokens)"),
+    Column("ttft_ms", "TTFT ms", "{:.0f}", "time to first token (median of the repeats)", cost=True),
+    Column("vision_ms", "vision ms", "{:.0f}", "vision tower and projector", cost=True),
+    Column("prefill_ms", "prefill ms", "{:.0f}", "LLM prefill", cost=True),
+    Column("reduce_ms", "reduce ms", "{:.1f}", "time the reducers spent choosing tokens (inside TTFT)", cost=True),
+    Column("score_ms", "score ms", "{:.0f}", "of reduce ms: scoring frames (QuoTA's scorer)", cost=True),
+    Column("ttft_speedup", "TTFT x", "{:.2f}", "TTFT speedup over `none`"),
+    Column("ideal_ttft_speedup", "ideal TTFT x", "{:.2f}", "TTFT speedup the FLOPs predict (vision tower included)"),
+    Column("ttft_efficiency", "TTFT eff", "{:.2f}", "TTFT x / ideal TTFT x"),
+    Column("prefill_speedup", "prefill x", "{:.2f}", "LLM prefill speedup over `none`"),
+    Column("ideal_prefill_speedup", "ideal x", "{:.2f}", "prefill speedup the FLOPs of the removed tokens predict"),
+    Column("prefill_efficiency", "prefill eff", "{:.2f}",
+           "prefill x / ideal x: 1.0 means the reduction pays off fully (the figure of merit)"),
+    Column("peak_mib", "peak MiB", "{:.0f}",
+           "peak memory of the call above what was resident before it (~0: below the measurement's noise)", cost=True),
+    Column("kv_cache_mib", "KV MiB", "{:.1f}", "KV cache after prefill (and the decode cut)", cost=True),
+    Column("decode_tps", "decode tok/s", "{:.2f}", "decode rate after the first token (--decode)"),
 ]
+#: the default table's columns, most important first; taken while the table fits `MAX_WIDTH`
+NARROW = ["plan", "visual_tokens", "visual_layer_avg", "ttft_ms", "ttft_speedup", "prefill_ms", "prefill_speedup",
+          "ideal_prefill_speedup", "prefill_efficiency", "reduce_ms", "kv_cache_mib", "score_ms", "decode_tps",
+          "peak_mib", "vision_ms", "seq_llm", "ideal_ttft_speedup", "ttft_efficiency"]
+MAX_WIDTH = 120
+PLAN_WIDTH = 36  # longer plan names wrap onto continuation lines
 
 
-def table(records: list[dict[str, Any]]) -> str:
-    """A fixed-width text table of the records ('-' where a record has no such field)."""
-    cells = [[h for _, h, _ in COLUMNS]]
-    for r in records:
-        cells.append([fmt.format(r[k]) if k in r else "-" for k, _, fmt in COLUMNS])
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in cells]
-    lines.insert(1, "-" * len(lines[0]))
+def cell(r: dict[str, Any], c: Column) -> str:
+    """A record's value in column `c`: "-" when the record has none, "n/a" for NaN or infinity, "~0" for a cost
+    that measured below zero (noise)."""
+    v = r.get(c.key)
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "n/a"
+        if c.cost and round(v, 1) <= 0 and c.key != "reduce_ms":
+            return "~0"
+    return c.fmt.format(v)
+
+
+def _useful(c: Column, records: list[dict[str, Any]]) -> bool:
+    """Whether a column says anything in the default table (a layer average equal to the tokens does not)."""
+    if c.key == "visual_layer_avg":
+        return any(r.get(c.key) is not None and abs(r[c.key] - r["visual_tokens"]) >= 0.5 for r in records)
+    if c.key == "score_ms":
+        return any((r.get(c.key) or 0) > 0 for r in records)
+    return any(r.get(c.key) is not None for r in records)
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """A plan name over lines of at most `width`, broken after '+' or ', ' where possible."""
+    lines, rest = [], text
+    while len(rest) > width:
+        cut = max(rest.rfind("+", 0, width), rest.rfind(", ", 0, width - 1) + 1)
+        cut = cut + 1 if cut > 0 else width
+        lines.append(rest[:cut].rstrip())
+        rest = rest[cut:].lstrip()
+    return lines + [rest]
+
+
+def columns_for(records: list[dict[str, Any]], wide: bool = False) -> tuple[list[Column], list[Column]]:
+    """(shown, left out): every column with `wide`, else the most important ones that fit `MAX_WIDTH`."""
+    by_key = {c.key: c for c in COLUMNS}
+    if wide:
+        return list(COLUMNS), []
+    plan_w = min(PLAN_WIDTH, max(len(str(r["plan"])) for r in records))
+    shown, width = [by_key["plan"]], plan_w
+    for key in NARROW[1:]:
+        c = by_key[key]
+        if not _useful(c, records):
+            continue
+        w = max(len(c.header), *(len(cell(r, c)) for r in records))
+        if width + 2 + w <= MAX_WIDTH:
+            shown.append(c)
+            width += 2 + w
+    order = [c.key for c in COLUMNS]
+    shown.sort(key=lambda c: order.index(c.key))
+    left = [c for c in COLUMNS if c not in shown and _useful(c, records)]
+    return shown, left
+
+
+def table(records: list[dict[str, Any]], wide: bool = False, legend: bool = True) -> str:
+    """A fixed-width text table of the records, at most `MAX_WIDTH` characters wide unless `wide`, then a
+    legend explaining each column shown (and naming those only `--wide` shows)."""
+    cols, left = columns_for(records, wide)
+    plan_w = max(len(str(r["plan"])) for r in records) if wide else min(
+        PLAN_WIDTH, max(len(str(r["plan"])) for r in records))
+    rows = [[c.header for c in cols]] + [[cell(r, c) for c in cols] for r in records]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(cols))]
+    widths[0] = max(plan_w, len(cols[0].header))
+    lines = []
+    for k, row in enumerate(rows):
+        names = _wrap(row[0], widths[0]) if k else [row[0]]
+        first = [names[0].ljust(widths[0])] + [c.rjust(w) for c, w in zip(row[1:], widths[1:])]
+        lines.append("  ".join(first).rstrip())
+        lines += [n for n in names[1:]]
+    lines.insert(1, "-" * max(len(line) for line in lines))
+    if legend:
+        lines.append("")
+        key_w = max(len(c.header) for c in cols)
+        for c in cols:
+            lines += textwrap.wrap(f"{c.header.ljust(key_w)}  {c.legend}", MAX_WIDTH,
+                                   subsequent_indent=" " * (key_w + 2))
+        if left:
+            lines += textwrap.wrap("--wide also shows: " + ", ".join(c.header for c in left), MAX_WIDTH)
     return "\n".join(lines)
+
+
+def hook_cost_line(stock: dict[str, Any], base: dict[str, Any]) -> str:
+    """What attaching costs, `none` minus `stock`, or "within noise" when the difference is negative or smaller than
+    how much either side's repeats vary (or there is only one repeat to judge by)."""
+    diff = base["ttft_ms"] - stock["ttft_ms"]
+    spread = max(max(base["ttft_ms_all"]) - min(base["ttft_ms_all"]), stock.get("ttft_ms_spread", 0.0))
+    head = f"stock model {stock['ttft_ms']:.0f} ms, plan 'none' {base['ttft_ms']:.0f} ms: hooks cost "
+    if stock["repeats"] < 2:
+        return head + "n/a (one repeat cannot separate it from noise)"
+    if diff <= spread:
+        return head + f"within noise (repeats vary by {spread:.0f} ms)"
+    return head + f"{diff:.1f} ms"
 
 
 def plan_list(args: argparse.Namespace, n_visual: int) -> list[str]:
@@ -340,65 +469,114 @@ def _write(out: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, out)
 
 
+def check_arguments(args: argparse.Namespace) -> tuple[str, list[int]]:
+    """Every option checked before anything is built or measured; returns (model spec, frame counts).
+
+    Plans are parsed here too (a bad plan string fails before the model is built); what depends on the model
+    (a reducer it cannot serve, layers it does not have, a budget above its visual tokens) is checked in
+    `check_plans` right after the build, still before anything is measured or written."""
+    from tokenreduce.cli import check_model_arguments
+    from tokenreduce.plan import Plan
+
+    kind = "video" if args.video else "image"
+    spec = args.model or args.preset or ("llava-onevision-7b-shape" if args.video else "llava-1.5-7b-shape")
+    if args.preset is not None:
+        from tokenreduce.loading import presets
+
+        if args.preset not in presets(kind):
+            raise EvalError(f"--preset {args.preset!r}: not a built-in {kind} preset ({', '.join(presets(kind))}); "
+                           "a checkpoint folder or hub id goes in --model")
+    args.model = spec
+    check_model_arguments(args, kind)
+    frames = _number_list(args.frames, "--frames", int, lambda f: f >= 1, "frame counts must be positive") \
+        if args.video else []
+    if args.budgets:
+        _number_list(args.budgets, "--budgets", int, lambda b: b >= 1, "token counts must be positive")
+    if args.keep:
+        _number_list(args.keep, "--keep", float, lambda k: 0 < k <= 1, "fractions must be in (0, 1]")
+    if args.plans is not None:
+        if not [p for p in args.plans.split(";") if p.strip()]:
+            raise EvalError(f"--plans {args.plans!r}: no plan given")
+        for plan in args.plans.split(";"):
+            try:
+                Plan.parse(plan)
+            except Exception as e:
+                raise EvalError(f"--plans: {e}") from None
+    else:
+        from tokenreduce.registry import get_reducer
+
+        for name in args.reducers.split(","):
+            if not name.strip():
+                raise EvalError(f"--reducers {args.reducers!r}: empty name")
+            try:
+                get_reducer(name.strip().split("+")[0])
+                Plan.parse(name.strip().replace("+", "(tokens=1)+", 1) if "+" in name else name.strip() + "(tokens=1)")
+            except Exception as e:
+                raise EvalError(f"--reducers: {e}") from None
+    out = Path(args.out)
+    if out.exists() and out.is_dir():
+        raise EvalError(f"--out {args.out!r}: a folder; give a JSON file path")
+    return spec, frames
+
+
+def check_plans(model, plans: list[str], n_visual: int) -> None:
+    """Attach every plan once (no call: this validates it on the model: stages, CLS token, decoder depth) and
+    check budgets against the visual tokens, so a plan that cannot run fails before anything is measured."""
+    import tokenreduce as tr
+    from tokenreduce.plan import BudgetedReducer, Stage
+
+    for plan in plans:
+        try:
+            parsed = tr.Plan.parse(plan)
+            with tr.apply(model, parsed):
+                pass
+        except tr.TokenReduceError as e:
+            raise EvalError(f"plan {plan!r}: {e}") from None
+        for r in parsed.reducers:
+            if isinstance(r, BudgetedReducer) and r.stage <= Stage.VISUAL and r.tokens is not None \
+                    and r.tokens > n_visual:
+                raise EvalError(f"plan {plan!r}: {r.name}(tokens={r.tokens}) exceeds the {n_visual} visual tokens "
+                               "per image")
+
+
 def main(args: argparse.Namespace) -> int:
-    """Build the model, measure `stock`, `none` and every plan round-robin, print the table, write JSON."""
-    from tokenreduce.adapters.llava.zoo import NEXT_PRESETS, PRESETS
-    from tokenreduce.adapters.qwen2vl.zoo import PRESETS as QWEN_PRESETS
-    from tokenreduce.adapters.videollm.zoo import PRESETS as VIDEO_PRESETS
+    """Check every option, build the model, measure `stock`, `none` and every plan round-robin, print the table,
+    write JSON."""
+    from tokenreduce.cli import load_for
 
     if getattr(args, "kernels", False):
         from .kernel_bench import main as kernel_main
 
         return kernel_main(args)
-    if args.video:
-        if args.preset == "llava-1.5-7b-shape":  # the image default: switch to the video default
-            args.preset = "llava-onevision-7b-shape"
-        if args.preset not in VIDEO_PRESETS:
-            raise EvalError(f"--preset {args.preset!r}: not a video preset ({', '.join(VIDEO_PRESETS)})")
-        frames = _number_list(args.frames, "--frames", int, lambda f: f >= 1, "frame counts must be positive")
-    elif args.preset not in PRESETS and args.preset not in NEXT_PRESETS and args.preset not in QWEN_PRESETS:
-        raise EvalError(f"--preset {args.preset!r}: not a built-in preset "
-                        f"({', '.join([*PRESETS, *NEXT_PRESETS, *QWEN_PRESETS])})")
-    # validate before the (slow) model build; the plan list is built from the same flags later
-    if args.budgets:
-        _number_list(args.budgets, "--budgets", int, lambda b: b >= 1, "token counts must be positive")
-    if args.keep:
-        _number_list(args.keep, "--keep", float, lambda k: 0 < k <= 1, "fractions must be in (0, 1]")
+    spec, frames = check_arguments(args)
+    if args.llm_layers is None and spec in _preset_names(args.video):
+        args.llm_layers = 2  # a 7B-shaped preset on a CPU: 2 of its decoder layers unless told otherwise
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
     t_start = time.perf_counter()
-    if args.preset in QWEN_PRESETS:  # images at --image-size pixels (672: 576 merged tokens, LLaVA-1.5's count)
-        from tokenreduce.adapters.qwen2vl.zoo import build_qwen
-
-        model, tokenizer = build_qwen(args.preset, attn=args.attn, dtype=dtype, llm_layers=args.llm_layers,
-                                      vision_layers=args.vision_layers)
-        if torch.cuda.is_available():
-            model = model.cuda()
-        return run_bench(args, model, _qwen_inputs(model, tokenizer, args, dtype), tokenizer, Path(args.out), t_start)
+    loaded = load_for(args, "video" if args.video else "image", llm_layers=args.llm_layers,
+                      vision_layers=args.vision_layers)
+    model = loaded.model
+    dtype = next(model.parameters()).dtype
+    if getattr(model.config, "model_type", "") in QWEN_TYPES:  # images at --image-size pixels (672: 576 tokens)
+        return run_bench(args, model, _qwen_inputs(model, loaded.tokenizer, args, dtype), loaded.tokenizer,
+                         Path(args.out), t_start, loaded.source)
     if not args.video:
-        from tokenreduce.adapters.llava.zoo import build_llava_with_processor
-
-        model, processor = build_llava_with_processor(
-            args.preset, attn=args.attn, dtype=dtype, llm_layers=args.llm_layers, vision_layers=args.vision_layers
-        )
-        if torch.cuda.is_available():
-            model = model.cuda()
-        inputs = _inputs(processor, dtype, args.batch)
-        return run_bench(args, model, inputs, None, Path(args.out), t_start)
-    from tokenreduce.adapters.videollm.zoo import build_video_llm
-
-    model, tokenizer = build_video_llm(args.preset, attn=args.attn, dtype=dtype, llm_layers=args.llm_layers,
-                                       vision_layers=args.vision_layers)
-    if torch.cuda.is_available():
-        model = model.cuda()
+        inputs = _inputs(loaded.processor, dtype, args.batch)
+        return run_bench(args, model, inputs, None, Path(args.out), t_start, loaded.source)
     out = Path(args.out)
     for n in frames:
-        inputs = _video_inputs(model, tokenizer, n, dtype, args.batch)
+        inputs = _video_inputs(model, loaded.tokenizer, n, dtype, args.batch)
         path = out if len(frames) == 1 else out.with_name(f"{out.stem}-{n}f{out.suffix}")
         print(f"--- {n} frames", file=sys.stderr)
-        run_bench(args, model, inputs, tokenizer, path, t_start)
+        run_bench(args, model, inputs, loaded.tokenizer, path, t_start, loaded.source)
     return 0
+
+
+def _preset_names(video: bool) -> list[str]:
+    from tokenreduce.loading import presets
+
+    return presets("video" if video else "image")
 
 
 def _qwen_inputs(model, tokenizer, args: argparse.Namespace, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -436,23 +614,23 @@ def _video_inputs(model, tokenizer, frames: int, dtype: torch.dtype, batch: int)
     return inputs
 
 
-def run_bench(args: argparse.Namespace, model, inputs: dict[str, Any], tokenizer, out: Path, t_start: float) -> int:
+def run_bench(args: argparse.Namespace, model, inputs: dict[str, Any], tokenizer, out: Path, t_start: float,
+              source: str | None = None) -> int:
     """Measure `stock`, `none` and every plan on `inputs`, round-robin; print the table and write JSON to `out`."""
-    from tokenreduce.plan import Plan
+    from tokenreduce.errors import TokenReduceError
 
     dtype = next(model.parameters()).dtype
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     n_visual = visual_tokens(model, inputs)
-    plans = plan_list(args, n_visual)
-    for plan in plans:
-        Plan.parse(plan)  # a bad plan fails here, before anything is measured
     too_big = [b for b in (int(b) for b in (args.budgets or "").split(",") if b) if b > n_visual]
     if too_big:
         raise EvalError(f"--budgets: {too_big} exceed the {n_visual} visual tokens per image")
+    plans = plan_list(args, n_visual)
+    check_plans(model, plans, n_visual)  # every plan can run on this model: nothing measured or written before
     order: list[str | None] = [None, *plans]  # None: the stock model, nothing attached
-    print(f"built {args.preset} ({model.config.text_config.num_hidden_layers} LLM layers) in "
-          f"{time.perf_counter() - t_start:.1f}s; {n_visual} visual tokens; {len(order)} measurements x "
-          f"({args.warmup} warmup + {args.repeats}) rounds", file=sys.stderr)
+    print(f"built {source or args.model} ({model.config.text_config.num_hidden_layers} LLM layers, {dtype}, "
+          f"{model.device}) in {time.perf_counter() - t_start:.1f}s; {n_visual} visual tokens; {len(order)} "
+          f"measurements x ({args.warmup} warmup + {args.repeats}) rounds", file=sys.stderr)
 
     tc = model.config.text_config
     head_dim = getattr(tc, "head_dim", None) or tc.hidden_size // tc.num_attention_heads
@@ -475,7 +653,10 @@ def run_bench(args: argparse.Namespace, model, inputs: dict[str, Any], tokenizer
         # forward, backward, forward, ...: a linear drift over a round cancels between the plans
         for j, plan in enumerate(order if (rnd - args.warmup) % 2 == 0 else order[::-1]):
             print(f"[{tag}] [{j + 1}/{len(order)}] {plan or 'stock (nothing attached)'}", file=sys.stderr, flush=True)
-            m = measure(model, inputs, plan, args.decode, tokenizer)
+            try:
+                m = measure(model, inputs, plan, args.decode, tokenizer)
+            except TokenReduceError as e:  # found only by running it (a budget this input cannot meet)
+                raise EvalError(f"plan {plan!r}: {e}") from None
             if not warm:
                 runs[plan].append(m)
         if warm:
@@ -486,9 +667,8 @@ def run_bench(args: argparse.Namespace, model, inputs: dict[str, Any], tokenizer
         _write(out, {**meta, "rounds_done": rnd - args.warmup + 1, "wall_s": time.perf_counter() - t_start,
                      "stock": stock, "results": records})
     if records:
-        print(table([stock, *records]))
-        print(f"\nstock model {stock['ttft_ms']:.0f} ms, plan 'none' {records[0]['ttft_ms']:.0f} ms: hooks cost "
-              f"{stock['hook_overhead_ms']:.1f} ms; {time.perf_counter() - t_start:.0f} s in all; wrote {out}")
+        print(table([stock, *records], wide=args.wide))
+        print(f"\n{hook_cost_line(stock, records[0])}; {time.perf_counter() - t_start:.0f} s in all; wrote {out}")
     return 0
 
 

@@ -37,6 +37,13 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
 SIGLIP_STD = (0.5, 0.5, 0.5)
 KINDS = ("image", "video")
+#: keys of a checkpoint's `training.json` that `tokenreduce run` reads to tell users what the model can answer
+#: (`train.py` writes them; keep them when a shipped model is replaced):
+#: "prompt_forms": the prompt forms it was trained on, protocol names (`protocols.PROTOCOLS`, multiple choice)
+#: and "open" (`protocols.open_prompt`: the question without options, answered in a few words);
+#: "vocabulary": "closed" when the tokenizer knows only the benchmark's words (others become <unk>).
+PROMPT_FORMS_KEY = "prompt_forms"
+VOCABULARY_KEY = "vocabulary"
 
 
 def model_dir(kind: str) -> Path:

@@ -662,7 +662,9 @@ def main(argv: list[str] | None = None) -> int:
             best = acc["all"]
             card = {"command": command, "step": step, "minutes": round(elapsed / 60, 2), "validation": acc,
                     "batch": batch, "parameters": n_params, "seed": args.seed, "device": args.device,
-                    "precision": args.precision, "threads": args.threads}
+                    "precision": args.precision, "threads": args.threads,
+                    M.PROMPT_FORMS_KEY: [*M_PROTOCOLS[kind], *(["open"] if args.open_frac > 0 else [])],
+                    M.VOCABULARY_KEY: "closed"}
             save_pretrained_atomic(model, tokenizer, out / "best", card)
             print(f"[val] new best {best:.3f} saved to {out / 'best'}", flush=True)
         (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")

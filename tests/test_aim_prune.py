@@ -271,7 +271,8 @@ def test_mustdrop_decode_span_and_validation():
     with pytest.raises(PlanError, match="global_thr="):
         MustDropPrefill(global_thr=-1)
     with pytest.raises(PlanError, match=r"layers=\[2, 6, 10, 14\] but the decoder has 4 layers"):
-        PrefillEngine(tiny().model, [MustDropPrefill()])
+        PrefillEngine(tiny().model, [MustDropPrefill(layers=[2, 6, 10, 14])])
+    assert PrefillEngine(tiny().model, [MustDropPrefill()])._acts.keys() == {0, 1}  # the default scales to depth
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

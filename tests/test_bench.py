@@ -10,7 +10,7 @@ import pytest
 import torch
 from tokenreduce.adapters.llava.llava15 import config_dims
 from tokenreduce.adapters.llava.zoo import llava_config
-from tokenreduce.eval.bench import PeakRSS
+from tokenreduce.eval.bench import COLUMNS, PeakRSS, hook_cost_line, table
 
 from tokenreduce.cli import main
 
@@ -97,11 +97,45 @@ def test_bench_prints_a_table(tmp_path, capsys):
                  "--out", str(out)]) == 0
     captured = capsys.readouterr()
     printed = captured.out
-    for header in ("plan", "vis tok", "LLM seq", "TTFT ms", "prefill ms", "vision ms", "reduce ms", "TTFT eff",
-                   "prefill eff", "peak MiB", "KV MiB", "stock", "none", "pool(keep=0.25)"):
+    for header in ("plan", "vis tok", "TTFT ms", "prefill ms", "reduce ms", "TTFT x", "prefill x", "ideal x",
+                   "prefill eff", "stock", "none", "pool(keep=0.25)", "--wide also shows"):
         assert header in printed
     assert "[round 1/1] [3/3] pool(keep=0.25)" in captured.err  # progress goes to stderr
     assert [r["plan"] for r in json.loads(out.read_text())["results"]] == ["none", "pool(keep=0.25)"]
+    assert "hooks cost n/a (one repeat" in printed  # one repeat cannot tell a cost from noise
+
+
+def test_bench_table_fits_120_columns_and_explains_every_column(bench):
+    """The default table is at most 120 characters wide, whatever the plan names; every header it shows has a
+    legend line; --wide shows every column; NaN, infinities and negative costs never appear."""
+    records = [{**bench["stock"]}, *bench["results"]]
+    long_name = "aim-merge(tokens=16, weighted=True)+aim-prune(start=0, step=0.5, tau=0.2)+mustdrop-decode"
+    records.append({**bench["results"][-1], "plan": long_name, "prefill_efficiency": float("nan"),
+                    "peak_mib": -3.2, "ttft_speedup": float("inf")})
+    text = table(records)
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= 120
+    legend = {line.split("  ")[0].strip() for line in lines[len(records) + 3:]}
+    shown = [c for c in COLUMNS if c.header in lines[0]]
+    assert len(shown) >= 8 and {c.header for c in shown} <= legend
+    assert "nan" not in text.lower() and "inf" not in text and " -3" not in text
+    assert "n/a" in text
+    start = next(i for i, line in enumerate(lines) if line.startswith("aim-merge(tokens=16, weighted"))
+    end = lines.index("", start)  # the long name is the last row: its continuation lines run to the legend
+    wrapped = [lines[start][:36].strip(), *(line.strip() for line in lines[start + 1:end])]
+    assert all(len(w) <= 36 for w in wrapped) and len(wrapped) > 1
+    assert "".join(wrapped).replace(" ", "") == long_name.replace(" ", "")
+    wide = table(records, wide=True)
+    assert all(c.header in wide.splitlines()[0] for c in COLUMNS) and "--wide also shows" not in wide
+    assert "~0" in wide and " -3" not in wide and "nan" not in wide.lower()
+
+
+def test_bench_hook_cost_is_never_negative():
+    base = {"ttft_ms": 100.0, "ttft_ms_all": [90.0, 100.0, 110.0]}
+    stock = {"ttft_ms": 150.0, "ttft_ms_spread": 5.0, "repeats": 3}
+    assert hook_cost_line(stock, base).endswith("within noise (repeats vary by 20 ms)")
+    stock = {"ttft_ms": 60.0, "ttft_ms_spread": 5.0, "repeats": 3}
+    assert hook_cost_line(stock, base).endswith("hooks cost 40.0 ms")
 
 
 def test_bench_token_budgets_and_batches(tmp_path, capsys):
@@ -127,13 +161,27 @@ def test_bench_token_budgets_and_batches(tmp_path, capsys):
     (["--preset", "tiny", "--budgets", "x"], "--budgets 'x'"),
     (["--preset", "tiny", "--keep", "1.5"], "--keep '1.5'"),
     (["--preset", "tiny", "--plans", "bogus(keep=2)"], "bogus"),
+    (["--preset", "tiny", "--plans", "pool(keep=0.5);aim-merge(keep="], "--plans"),
+    (["--preset", "tiny", "--plans", " ; "], "no plan given"),
+    (["--preset", "tiny", "--reducers", "pool,nope"], "unknown reducer 'nope'"),
+    (["--preset", "tiny", "--plans", "pool(tokens=100)"], "exceeds the 64 visual tokens"),
+    (["--preset", "tiny", "--plans", "pool(keep=0.5);mustdrop(layers=[2, 6, 10, 14])"], "decoder has 2 layers"),
+    (["--preset", "tiny-onevision", "--video", "--plans", "hired(keep=0.5)"], "no CLS token"),
+    (["--preset", "tiny-onevision"], "not a built-in image preset"),
+    (["--model", "no/such-model"], "--model 'no/such-model'"),
+    (["--preset", "tiny", "--device", "cuda:3"], "--device 'cuda:3'"),
+    (["--preset", "tiny", "--attn", "flash_attention_2"], "--attn 'flash_attention_2'"),
+    (["--preset", "tiny-onevision", "--video", "--frames", "0"], "--frames"),
 ])
-def test_bench_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
+def test_bench_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, message, monkeypatch):
+    """Every bad option or plan fails with one line before anything is measured or written."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     out = tmp_path / "b.json"
     assert main(["bench", *argv, "--repeats", "1", "--warmup", "0", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
-    assert not out.exists()  # nothing was measured
+    assert "[round" not in err and "[warmup" not in err  # nothing was measured
+    assert not out.exists()  # nor written
 
 
 @pytest.mark.parametrize("reset_allowed", [True, False])

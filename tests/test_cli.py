@@ -47,9 +47,7 @@ def test_list_names_every_reducer_with_its_stage(capsys):
     assert code == 0
     lines = out.splitlines()
     for name, cls in tr.reducers().items():
-        row = [line for line in lines if line.split()[:1] == [name]]
-        assert row, f"{name} not listed:\n{out}"
-        assert str(cls.stage) in row[0].split(), f"{name}: stage {cls.stage} not on its row {row[0]!r}"
+        assert any(line.startswith(f"{name} ({cls.stage}): ") for line in lines), f"{name} not listed:\n{out}"
     assert {"aim-merge", "random", "pool"} <= set(tr.reducers())
 
 
@@ -149,7 +147,7 @@ def test_usage_errors_exit_2(capsys):
 def test_folder_that_is_not_a_checkpoint(capsys, image_path, tmp_path):
     empty = tmp_path / "not-a-model"
     empty.mkdir()
-    assert_fails(_run_args("aim-merge(keep=0.25)", image_path, model=str(empty)), capsys, "--model", "cannot load")
+    assert_fails(_run_args("aim-merge(keep=0.25)", image_path, model=str(empty)), capsys, "--model", "not a checkpoint")
 
 
 def test_max_new_tokens_must_be_positive(capsys, image_path):
@@ -234,3 +232,38 @@ def test_run_with_options_answers_as_the_main_job_does(bench_files, dataset, pla
 ])
 def test_bad_options_are_clear_errors(extra, needle, capsys, image_path):
     assert_fails(["run", "--image", str(image_path), "--prompt", "q", *extra], capsys, needle)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--prompt", " "], "--prompt: must not be empty"),
+    (["--prompt", "q", "--fps", "2"], "--fps samples a video"),
+    (["--prompt", "q", "--fps", "-1"], "positive number"),
+    (["--prompt", "q", "--frames", "0"], "positive integer"),
+    (["--prompt", "q", "--plan", "pool(keep=0.5)+"], "stray '+'"),
+    (["--prompt", "q", "--model", "tiny-onevision"], "video preset"),
+])
+def test_run_checks_every_option_before_loading_anything(argv, needle, capsys, image_path, monkeypatch):
+    """Each bad option is one `tokenreduce: error:` line with exit 2, found before a model is loaded."""
+    import tokenreduce.loading as loading
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the options were checked")
+
+    monkeypatch.setattr(loading, "load_model", no_loading)
+    assert_fails(["run", "--image", image_path, *argv], capsys, needle)
+
+
+def test_list_forms_are_exclusive_and_names_are_checked(capsys):
+    assert_fails(["list", "--json", "--markdown"], capsys, "not allowed with")
+    assert_fails(["list", "pool", "nope"], capsys, "unknown reducer 'nope'")
+
+
+def test_bench_names_the_plan_whose_budget_the_input_cannot_meet(tmp_path, capsys):
+    """A MustDrop budget below what its first drop can reach is found only by running; still one line, exit 2,
+    naming the plan, and no JSON."""
+    out = tmp_path / "b.json"
+    assert main(["bench", "--preset", "tiny", "--plans", "mustdrop-prefill(tokens=2)", "--repeats", "1",
+                 "--warmup", "0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "plan 'mustdrop-prefill(tokens=2)'" in err and "out of reach" in err and "Traceback" not in err
+    assert not out.exists()

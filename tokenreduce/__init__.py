@@ -6,12 +6,14 @@
     print(run.report)
 
     model, processor = tr.load_default("video")   # the shipped default video (or "image") model
+    m = tr.load_model("path/to/checkpoint", dtype="bf16", device="cuda")   # any LLaVA-family checkpoint
 """
 
 from .attach import Handle, apply, attach
 from .defaults import load_default
 from .errors import BudgetError, InputError, PlanError, TokenReduceError, UnsupportedModelError
-from .plan import BudgetedReducer, Context, Plan, Probe, Reducer, Stage, allocate, split_budget
+from .loading import LoadedModel, load_model
+from .plan import BudgetedReducer, Context, Plan, Probe, Reducer, Stage, allocate, param, split_budget
 from .registry import get_reducer, reducers, register_adapter, register_reducer
 from .tokens import ItemInfo, VisualTokens
 
@@ -24,6 +26,7 @@ __all__ = [
     "Handle",
     "InputError",
     "ItemInfo",
+    "LoadedModel",
     "Plan",
     "PlanError",
     "Probe",
@@ -37,6 +40,8 @@ __all__ = [
     "attach",
     "get_reducer",
     "load_default",
+    "load_model",
+    "param",
     "reducers",
     "register_adapter",
     "register_reducer",

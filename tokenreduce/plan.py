@@ -122,11 +122,68 @@ class Probe:
     kind: str = "cls"
 
 
+def param(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Any = None, shown: str | None = None) -> Any:
+    """A reducer hyperparameter: a dataclass field that carries its one-line description.
+
+        keep: float | None = param(0.2, "fraction of the sample's visual tokens to keep")
+        layers: list[int] | None = param(None, "decoder layers after which it drops", shown="2/6/10/14 of 32")
+
+    `factory` makes a mutable default (as `field(default_factory=...)`), `shown` replaces the default's repr where
+    the value alone says little (None meaning "scaled to the model"). `tokenreduce list`, `list --json` and the
+    README's reducer table are built from these (`parameters`); a test fails for a registered reducer whose
+    fields have no description.
+    """
+    metadata = {"doc": doc, "shown": shown}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """One documented hyperparameter of a reducer class (see `param`)."""
+
+    name: str
+    type: str
+    default: Any
+    shown: str
+    doc: str
+
+    def to_dict(self) -> dict[str, Any]:
+        import json
+
+        try:
+            json.dumps(self.default)
+            default = self.default
+        except TypeError:
+            default = repr(self.default)
+        return {"name": self.name, "type": self.type, "default": default, "default_shown": self.shown,
+                "description": self.doc}
+
+
+def parameters(cls: type) -> list[Parameter]:
+    """The documented hyperparameters of a reducer class, in field order (inherited budget fields first)."""
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = dataclasses.MISSING
+        shown = f.metadata.get("shown") or ("(required)" if default is dataclasses.MISSING else repr(default))
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        out.append(Parameter(f.name, kind, None if default is dataclasses.MISSING else default, shown,
+                             f.metadata.get("doc", "")))
+    return out
+
+
 @dataclass
 class Reducer:
     """Base class of every reducer. Subclasses are dataclasses whose fields are their hyperparameters.
 
     Class attributes to set: `name` (registry name used in plan strings), `stage`, `summary` (one line).
+    Declare each hyperparameter with `param(default, "one-line description")`.
     """
 
     name: ClassVar[str] = ""
@@ -179,8 +236,8 @@ class BudgetedReducer(Reducer):
     #: reducer can drive it with per-item budgets (QuoTA's `resize=`); False for reducers with their own split
     item_budgeted: ClassVar[bool] = False
 
-    tokens: int | None = None
-    keep: float | None = None
+    tokens: int | None = param(None, "visual tokens to keep per sample (give tokens= or keep=)")
+    keep: float | None = param(None, "fraction in (0, 1] of the sample's visual tokens to keep (or tokens=)")
 
     def validate(self) -> None:
         if self.tokens is not None and self.keep is not None:

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from ..errors import BudgetError, PlanError, UnsupportedModelError
 from ..kernels import bipartite_match, scatter_mean
-from ..plan import BudgetedReducer, Context, Probe, Stage
+from ..plan import BudgetedReducer, Context, Probe, Stage, param
 from ..registry import register_reducer
 from ..tokens import VisualTokens
 
@@ -163,10 +163,12 @@ class AIMMerge(BudgetedReducer):
     item_budgeted = True
     summary = "AIM: iterative bipartite merging of similar tokens per image/frame (ICCV'25)"
 
-    weighted: bool = False
-    frames: int = 1
-    metric: str = "features"
-    order: str = "spatial"
+    weighted: bool = param(False, "merge by size-weighted means (the release: plain means)")
+    frames: int = param(1, "merge across this many adjacent frames of a video (1: within each frame, as AIM)")
+    metric: str = param("features", "what merging matches on: 'features' (the tokens) or 'keys' (the vision "
+                         "tower's keys of the features, as the LLaVA-1.5 release)")
+    order: str = param("spatial", "'spatial' (unmerged tokens stay in place between iterations) or 'release' "
+                       "(the release's shuffled splits)")
 
     def validate(self) -> None:
         super().validate()

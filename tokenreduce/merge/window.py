@@ -28,7 +28,7 @@ from torch import Tensor
 from .. import kernels
 from ..encoder import EncoderReducer, VisionTower
 from ..errors import PlanError
-from ..plan import Context, Probe
+from ..plan import Context, Probe, param
 from ..registry import register_reducer
 from ..tokens import VisualTokens
 
@@ -63,11 +63,11 @@ class MustDropVision(EncoderReducer):
     name = "mustdrop-vision"
     summary = "MustDrop stage 1: merge similar 3x3 windows in the vision tower, mark the key set"
 
-    layer: int = 0
-    window: int = 3
-    threshold: float = 0.8
-    key_ratio: float = 0.08
-    key_layer: int = -1
+    layer: int = param(0, "vision layer after which similar windows are merged")
+    window: int = param(3, "window side: non-overlapping window x window windows of each grid")
+    threshold: float = param(0.8, "mean pairwise cosine similarity a window needs to be merged into one token")
+    key_ratio: float = param(0.08, "share of each item's tokens kept as the never-dropped key set (by CLS attention)")
+    key_layer: int = param(-1, "vision layer whose CLS attention picks the key set (-1: the last)")
 
     def validate(self) -> None:
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 2:

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ..errors import PlanError
 from ..llm import LayerView, PrefillReducer
-from ..plan import Stage
+from ..plan import Stage, param
 from ..registry import register_reducer
 
 PAPER_START = {32: 13, 28: 14}  # released schedules: LLaVA-1.5 (Vicuna-7B), LLaVA-OV (Qwen2-7B)
@@ -80,11 +80,12 @@ class AIMPrune(PrefillReducer):
     stage = Stage.PREFILL
     summary = "AIM: PageRank importance from LLM attention, progressive in-LLM visual token pruning"
 
-    start: int | float | None = None
-    step: float = 0.125
-    tau: float = 0.1
-    iters: int = 5
-    damping: float = 0.0
+    start: int | float | None = param(None, "first layer after which tokens drop: a layer index or a fraction of "
+                                      "depth", shown="13 of 32, 14 of 28, else 0.45 x depth")
+    step: float = param(0.125, "share of the original visual tokens dropped per layer from there on")
+    tau: float = param(0.1, "softmax temperature of the attention PageRank runs on")
+    iters: int = param(5, "PageRank power iterations")
+    damping: float = param(0.0, "PageRank damping (0 in the paper)")
 
     def validate(self) -> None:
         s = self.start

@@ -11,7 +11,7 @@ from torch import Tensor
 from .. import kernels
 from ..errors import BudgetError, PlanError
 from ..params import short
-from ..plan import BudgetedReducer, Context, Stage
+from ..plan import BudgetedReducer, Context, Stage, param
 from ..registry import register_reducer
 from ..tokens import VisualTokens
 
@@ -29,7 +29,7 @@ class RandomDrop(BudgetedReducer):
     item_budgeted = True
     summary = "baseline: keep a seeded random subset of tokens per image/frame"
 
-    seed: int = 0
+    seed: int = param(0, "random seed; the kept set depends only on the sample and the seed")
 
     def validate(self) -> None:
         super().validate()

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .. import kernels
 from ..errors import PlanError
-from ..plan import BudgetedReducer, Context, Probe, Stage, allocate, split_budget
+from ..plan import BudgetedReducer, Context, Probe, Stage, allocate, param, split_budget
 from ..registry import register_reducer
 from ..tokens import VisualTokens
 
@@ -59,11 +59,12 @@ class HiRED(BudgetedReducer):
     stage = Stage.VISUAL
     summary = "HiRED: CLS-attention token selection, budget split across anyres crops (AAAI-25)"
 
-    keep: float | None = 0.2
-    alpha: float = 0.5
-    init_layer: int = 0
-    final_layer: int | None = None
-    allocation: str = "mass"
+    keep: float | None = param(0.2, "fraction of the sample's visual tokens to keep (the paper's 20%; or tokens=)")
+    alpha: float = param(0.5, "share of an anyres image's budget for its overview (the rest goes to the crops)")
+    init_layer: int = param(0, "vision layer whose CLS attention on the overview splits the budget over crops")
+    final_layer: int | None = param(None, "vision layer whose CLS attention ranks tokens",
+                                    shown="the feature layer")
+    allocation: str = param("mass", "crop budgets by CLS attention mass over the crop (paper) or 'count' (release)")
 
     def __post_init__(self) -> None:
         if self.tokens is not None and self.keep == 0.2:

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from ..errors import InputError, PlanError, UnsupportedModelError
 from ..params import clip, short
-from ..plan import BudgetedReducer, Context, Stage, allocate
+from ..plan import BudgetedReducer, Context, Stage, allocate, param
 from ..registry import get_reducer, reducers, register_reducer
 from ..tokens import VisualTokens
 
@@ -207,14 +207,16 @@ class QuoTA(BudgetedReducer):
     summary = "QuoTA: per-frame budgets by query relevance (frame scorer), then resize each frame"
     query_aware = True
 
-    scorer: Any = "vlm"
-    power: float = 2.0
-    floor: int = 1
-    resize: str = "bilinear"
-    prompt: str = FRAME_PROMPT
-    batch: int = 16
-    decouple: bool = False
-    grid: str = "fill"
+    scorer: Any = param("vlm", "frame relevance: 'vlm' (the model's own P(yes)), 'uniform', a ClipScorer or a function")
+    power: float = param(2.0, "frame budgets are proportional to relevance ** power (2 in QuoTA)")
+    floor: int = param(1, "tokens every frame keeps at least (when the budget allows)")
+    resize: str = param("bilinear", "how a frame meets its share: 'bilinear' grid resize or a VISUAL reducer's name")
+    prompt: str = param(FRAME_PROMPT, "the question the 'vlm' scorer asks about each frame ({query}: the prompt)",
+                        shown="USER: <video>\\nDoes this frame contain information that helps to answer ...")
+    batch: int = param(16, "frames scored per forward pass of the 'vlm' scorer")
+    decouple: bool = param(False, "first turn the question into objects to look for (QuoTA's query decoupling)")
+    grid: str = param("fill", "bilinear grid for a frame's share: 'fill' (the largest grid within it) or 'release' "
+                      "(QuoTA's near-square grids)")
 
     def validate(self) -> None:
         super().validate()

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from ..encoder import EncoderReducer, TowerState, VisionTower
 from ..errors import PlanError, UnsupportedModelError
-from ..plan import Context
+from ..plan import Context, param
 from ..registry import register_reducer
 
 METRICS = ("cosine", "l2", "dot")
@@ -203,10 +203,10 @@ class STCCache(EncoderReducer):
     name: ClassVar[str] = "stc-cache"
     summary: ClassVar[str] = "STC-Cacher: recompute only the tokens whose keys changed vs a periodic reference frame"
 
-    ratio: float = 0.25
-    interval: int = 2
-    metric: str = "cosine"
-    faithful: bool = False
+    ratio: float = param(0.25, "share of tokens each vision layer recomputes on non-reference frames (1: all)")
+    interval: int = param(2, "a reference frame, encoded fully, every this many frames (1: every frame)")
+    metric: str = param("cosine", "how keys are compared with the reference's: 'cosine', 'l2' or 'dot'")
+    faithful: bool = param(False, "in a stream, restart the reference cycle after every question (the release)")
 
     def validate(self) -> None:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0 < self.ratio <= 1:

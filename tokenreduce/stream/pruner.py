@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from ..errors import PlanError
-from ..plan import BudgetedReducer, Context, Stage
+from ..plan import BudgetedReducer, Context, Stage, param
 from ..registry import register_reducer
 from ..tokens import VisualTokens
 
@@ -126,11 +126,11 @@ class STCPrune(BudgetedReducer):
     stage: ClassVar[Stage] = Stage.VISUAL
     summary: ClassVar[str] = "STC-Pruner: per frame, the tokens most novel vs the frame mean and the stream memory"
 
-    keep: float | None = PAPER_KEEP
-    channel_keep: float = 0.5
-    strategy: str = "gaussian"
-    alpha: float = 0.5
-    faithful: bool = False
+    keep: float | None = param(PAPER_KEEP, "fraction of each frame's tokens to keep (the paper's 64 of 196)")
+    channel_keep: float = param(0.5, "share of lowest-variance channels the novelty scores are computed in")
+    strategy: str = param("gaussian", "novelty score: 'gaussian' (the release) or 'dual-anchor'")
+    alpha: float = param(0.5, "the stream memory's weight in 'dual-anchor'")
+    faithful: bool = param(False, "the release's memory: shared across streams, never reset")
 
     def __post_init__(self) -> None:
         if self.tokens is not None and self.keep == PAPER_KEEP:
