@@ -260,21 +260,26 @@ class Answerer:
 
     def prompt(self, item: Item, protocol: str) -> str:
         """The protocol's prompt for `item` in this model's chat template (placeholder included)."""
-        subtitles = videomme_subtitles(item) if self.subtitles and item.bench == "videomme" \
-            else None
+        subtitles = videomme_subtitles(item) if self.subtitles and item.bench == "videomme" else None
         options = item.options
         system, text, prefill = P.prompt_parts(protocol, item.question, options, item.kind,
                                                raw_question=item.raw_question, subtitles=subtitles)
         if item.raw_options is not None and P.get(protocol).prompt == "videomme":
             lettered = "\n".join(f"{P.LETTERS[i]}. {o}" for i, o in enumerate(options))
             text = text.replace(lettered, "\n".join(item.raw_options), 1)  # the data's own option strings
+        return self.chat_text(system, text, prefill, item.kind)
+
+    def chat_text(self, system: str | None, text: str, prefill: str, kind: str) -> str:
+        """`text` as the user turn (after one image/video placeholder) in this model's chat template, with an
+        optional system turn, and the assistant turn pre-filled with `prefill`. Without a chat template: the
+        LLaVA-1.5 turn (`protocols.chat`)."""
         template_owner = self.processor if self.processor is not None else self.tokenizer
-        token = self.spec.token if item.kind == "video" and self.spec is not None else "<image>"
+        token = self.spec.token if kind == "video" and self.spec is not None else "<image>"
         if getattr(template_owner, "chat_template", None):
             messages = ([{"role": "system", "content": system}] if system else []) + [
-                {"role": "user", "content": [{"type": item.kind}, {"type": "text", "text": text}]}]
+                {"role": "user", "content": [{"type": kind}, {"type": "text", "text": text}]}]
             out = template_owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-            if item.kind == "video" and token not in out:
+            if kind == "video" and token not in out:
                 out = out.replace("<video>", token)
             if prefill:
                 out += prefill if out.endswith((" ", "\n")) else " " + prefill
@@ -282,11 +287,17 @@ class Answerer:
         return P.chat(text, token, system=system, prefill=prefill)
 
     def inputs(self, item: Item, visual: np.ndarray, protocol: str) -> dict[str, torch.Tensor]:
-        text = self.prompt(item, protocol)
+        """Model inputs of `item`'s prompt under `protocol` with its `visual` (they do not depend on the plan)."""
         if item.kind not in self.kinds:
             raise EvalError(f"{item.qid}: a {item.kind} question, but --model {self.name} takes "
                             f"{' and '.join(self.kinds)} only")
-        if item.kind == "video":
+        return self.encode(self.prompt(item, protocol), visual, item.kind)
+
+    def encode(self, text: str, visual: np.ndarray, kind: str) -> dict[str, torch.Tensor]:
+        """Model inputs of a full prompt `text` (one placeholder) with an (H, W, 3) image or (T, H, W, 3) video."""
+        if kind not in self.kinds:
+            raise EvalError(f"a {kind} input, but --model {self.name} takes {' and '.join(self.kinds)} only")
+        if kind == "video":
             from tokenreduce.adapters.videollm import video_inputs
 
             enc = video_inputs(self.tokenizer, self.spec, [text], [visual])
@@ -305,12 +316,26 @@ class Answerer:
             inputs: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         """Greedy answer to `item` under `plan` (optionally suffixed " @positions"), scored by `protocol`;
         `inputs` (from `inputs`, they do not depend on the plan) saves rebuilding them for every plan."""
+        proto = P.get(protocol)
+        inputs = inputs if inputs is not None else self.inputs(item, visual, protocol)
+        rec = self.generate(inputs, plan, proto.max_new_tokens, measure_memory)
+        rec["extracted"] = proto.raw(rec["completion"])
+        rec["pred"] = proto.extract(rec["completion"])
+        if item.answer is not None:
+            rec["correct"] = proto.score(rec["completion"], item.answer)
+        return rec
+
+    @torch.inference_mode()
+    def generate(self, inputs: dict[str, torch.Tensor], plan: str, max_new_tokens: int,
+                 measure_memory: bool = False) -> dict[str, Any]:
+        """Greedy generation (batch 1) with `plan` attached: the completion and the call's efficiency: visual
+        tokens entering the LLM (``tokens``) and per LLM layer (``layer_avg``), the LLM sequence length
+        (``seq_llm``), analytic FLOPs, vision / prefill / reduction times, TTFT, new tokens, decode tokens/s and,
+        on GPU or with `measure_memory`, peak memory in MiB."""
         from transformers import StoppingCriteriaList
 
         import tokenreduce as tr
 
-        proto = P.get(protocol)
-        inputs = inputs if inputs is not None else self.inputs(item, visual, protocol)
         body, keep_positions = split_positions(plan)
         first = _FirstToken(self.cuda)
         if self.cuda:
@@ -321,22 +346,20 @@ class Answerer:
         with mem, tr.apply(self.model, body, tokenizer=self.tokenizer, keep_positions=keep_positions,
                            sync_timing=self.cuda) as run:
             t0 = time.perf_counter()
-            out = self.model.generate(**inputs, max_new_tokens=proto.max_new_tokens, do_sample=False, num_beams=1,
+            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                                       stopping_criteria=StoppingCriteriaList([first]))
             if self.cuda:
                 torch.cuda.synchronize()
             t_end = time.perf_counter()
         call = run.report.calls[0]
         new = out[0, inputs["input_ids"].shape[1]:]
-        completion = self.tokenizer.decode(new, skip_special_tokens=True)
         t_first = first.t or t_end
         n_new = int(new.shape[0])
         rec: dict[str, Any] = {
-            "completion": completion,
-            "extracted": proto.raw(completion),
-            "pred": proto.extract(completion),
+            "completion": self.tokenizer.decode(new, skip_special_tokens=True),
             "tokens": int(call.tokens()[0]),
             "layer_avg": float(call.visual_layer_average[0]),
+            "seq_llm": int(call.seq_llm[0]),
             "flops_prefill": float(call.flops.get("llm_prefill", 0.0)),
             "flops_vision": float(call.flops.get("vision", 0.0)),
             "vision_s": float(call.times.get("vision", 0.0)),
@@ -346,8 +369,6 @@ class Answerer:
             "new_tokens": n_new,
             "decode_tps": (n_new - 1) / (t_end - t_first) if n_new > 1 and t_end > t_first else None,
         }
-        if item.answer is not None:
-            rec["correct"] = proto.score(completion, item.answer)
         if self.cuda:
             rec["peak_mib"] = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
         elif measure_memory:

@@ -258,3 +258,29 @@ def test_lmms_eval_aggregate_follows_its_fixed_task_sets():
     assert value is None and "KeyError" in note and "'direction'" in note
     value, _ = report.mlvu_lmms_aggregate({"needleQA": 1.0, "sportsQA": 1.0}, "mlvu-test")
     assert value == pytest.approx(2 / 9)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--limit", "0"], "--limit 0: expected an integer >= 1"),
+    (["--limit", "-1"], "--limit -1: expected an integer >= 1"),
+    (["--keep", "2"], "--keep '2': fractions must be in (0, 1]"),
+    (["--keep", "abc"], "--keep 'abc': 'abc' is not a number"),
+    (["--keep", "0"], "fractions must be in (0, 1]"),
+    (["--plans", "none;pool(tokens=16"], "--plans: plan 'pool(tokens=16'"),
+    (["--plans", "aim-merge(tokens=16)+nosuch"], "nosuch"),
+    (["--plans", " ; "], "no plan in it"),
+    (["--datasets", "imagez"], "--datasets 'imagez': unknown 'imagez'"),
+    (["--datasets", "images,"], None),  # a trailing comma is fine (but nothing runs here: --limit is bad)
+    (["--threads", "0"], "--threads 0"),
+    (["--threads", "-1"], "--threads -1"),
+    (["--timing-repeats", "0"], "--timing-repeats 0"),
+])
+def test_bad_evaluate_options_fail_before_writing_anything(args, needle, tmp_path, capsys):
+    bench, out = tmp_path / "bench", tmp_path / "out"
+    extra = ["--limit", "0"] if needle is None else []
+    code = cli_main(["evaluate", "--bench", str(bench), "--out", str(out), *args, *extra])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("tokenreduce: error:"), err
+    assert needle is None or needle in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert not bench.exists() and not out.exists()  # the benchmark is written only after every check passed

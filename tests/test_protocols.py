@@ -8,11 +8,11 @@ task functions and MLVU's own ``check_ans`` on every completion. The test marked
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
+import lmms_env
 import pytest
 from tokenreduce.eval import protocols as P
 
@@ -98,15 +98,6 @@ def test_prompts_are_the_references():
         P.build_prompt("mlvu", q, opts * 2)
 
 
-def _lmms_paths() -> tuple[str, str]:
-    new, old = os.environ.get("TOKENREDUCE_LMMS_EVAL"), os.environ.get("TOKENREDUCE_LMMS_EVAL_LEGACY")
-    if not (new and old):
-        if os.environ.get("TOKENREDUCE_REQUIRE_LMMS"):
-            pytest.fail("TOKENREDUCE_LMMS_EVAL / TOKENREDUCE_LMMS_EVAL_LEGACY are not set")
-        pytest.skip("lmms-eval not installed here (CI sets TOKENREDUCE_LMMS_EVAL, see .ci/run)")
-    return new, old
-
-
 @pytest.mark.lmms_eval
 def test_lmms_eval_itself_agrees_on_every_completion():
     """Runs lmms-eval 0.7.3's and 0.7.1's real task functions on all completions (each version in its own
@@ -116,7 +107,7 @@ def test_lmms_eval_itself_agrees_on_every_completion():
         from make_table import run_lmms
     finally:
         sys.path.pop(0)
-    new, old = _lmms_paths()
+    new, old = lmms_env.paths()
     texts = [r["completion"] for r in ROWS]
     cur, leg = run_lmms(texts, new), run_lmms(texts, old, new)
     assert cur["version"] == "0.7.3" and leg["version"] == "0.7.1"
