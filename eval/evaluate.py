@@ -204,6 +204,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "every plan interleaved with the unreduced model (default 8; 0: none)")
     p.add_argument("--timing-repeats", default="3", help="measured rounds of the timing pass (default 3, after one "
                    "warm-up round)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
     p.add_argument("--threads", default=None, help="torch.set_num_threads")
     p.add_argument("--out", default="bench-results/evaluate", help="output folder")
     p.add_argument("--wide", action="store_true", help="every column (the table is otherwise at most 120 wide)")
@@ -245,6 +248,12 @@ def check_arguments(args: argparse.Namespace) -> dict[str, Any]:
         # the generated lists parse (a method template that does not is a bug here, caught before any work)
         for kind, methods in (("image", IMAGE_METHODS), ("video", VIDEO_METHODS)):
             parse_plans("main job", plan_list(methods, 64, keep, FREE_PLANS[kind]))
+    from .answer import DTYPES
+
+    if args.dtype not in DTYPES:
+        raise EvalError(f"--dtype {args.dtype!r}: choose from {', '.join(DTYPES)}")
+    if args.device != "cpu" and not str(args.device).startswith("cuda"):
+        raise EvalError(f"--device {args.device!r}: cpu or cuda[:N]")
     if args.model_dir is not None and not (Path(args.model_dir) / "config.json").is_file():
         raise EvalError(f"--model-dir {args.model_dir!r}: no such checkpoint folder (no config.json)")
     return values
@@ -292,7 +301,8 @@ def main(args: argparse.Namespace) -> int:
         kind = "image" if ds == "images" else "video"
         if kind not in loaded:
             spec = args.model_dir or "default"
-            loaded[kind] = Answerer.load(spec, kind, sampling=Sampling(M.NUM_FRAMES))
+            loaded[kind] = Answerer.load(spec, kind, device=args.device, dtype=args.dtype, attn=args.attn,
+                                         sampling=Sampling(M.NUM_FRAMES))
         answerer = loaded[kind]
         plans = _plans_for(values, answerer.model, kind, args.keep_positions)
         dataset = D.load(BENCH_OF[ds], root, limit=limit)
@@ -341,8 +351,12 @@ def main(args: argparse.Namespace) -> int:
     md += ["| " + " | ".join(report.COLUMNS[c][1](r) for c in wide_cols) + " |" for r in all_rows]
     md += ["", *report.legend_lines(wide_cols, 10**6), "", *[f"- {n}" for n in notes]]
     (out / "report.md").write_text("\n".join(md) + "\n")
-    pngs = [report.plot(panels, out / "accuracy_vs_tokens.png", "tokens", "accuracy vs visual tokens")]
-    if any(r.get("speedup") for r in all_rows):
+    pngs = []
+    if not report.can_plot():
+        print(f"note: {report.PLOT_HINT}", file=sys.stderr)
+    else:
+        pngs.append(report.plot(panels, out / "accuracy_vs_tokens.png", "tokens", "accuracy vs visual tokens"))
+    if pngs and any(r.get("speedup") for r in all_rows):
         pngs.append(report.plot(panels, out / "accuracy_vs_speedup.png", "speedup",
                                 "accuracy vs measured TTFT speedup"))
     print(f"wrote {out / 'table.txt'}, {out / 'summary.json'}, {out / 'report.md'}, "

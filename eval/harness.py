@@ -266,7 +266,9 @@ def execute(args: argparse.Namespace, plans: list[str], values: dict[str, Any], 
                                                    result.header, result.notes) + "\n")
     written = [out / "summary.json", out / "table.txt", out / "report.md"]
     scored = [r for r in rows if r.get("accuracy") is not None]
-    if scored:
+    if scored and not report.can_plot():
+        print(f"note: {report.PLOT_HINT}", file=sys.stderr)
+    elif scored:
         title = f"{args.bench} ({values['protocol']}), {answerer.name}"
         written.append(report.plot([(args.bench, rows)], out / "accuracy_vs_tokens.png", "tokens", title))
         written.append(report.plot([(args.bench, rows)], out / "accuracy_vs_ttft.png", "ttft", title))

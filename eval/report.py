@@ -312,6 +312,16 @@ def markdown(title: str, rows: Sequence[dict[str, Any]], columns: Sequence[str],
     return "\n".join(out)
 
 
+def can_plot() -> bool:
+    """Whether matplotlib is installed (the ``eval`` extra); without it tables and JSON are still written."""
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+PLOT_HINT = "plots need matplotlib: pip install 'tokenreduce[eval]' (tables, JSON and Markdown are written anyway)"
+
+
 def plot(panels: Sequence[tuple[str, Sequence[dict[str, Any]]]], path: str | os.PathLike, x: str = "tokens",
          title: str | None = None) -> Path:
     """Accuracy against `x` ("tokens": visual tokens per LLM layer; "ttft": measured TTFT in ms; "speedup":

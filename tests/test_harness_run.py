@@ -284,3 +284,25 @@ def test_bad_evaluate_options_fail_before_writing_anything(args, needle, tmp_pat
     assert needle is None or needle in err, err
     assert len(err.strip().splitlines()) == 1
     assert not bench.exists() and not out.exists()  # the benchmark is written only after every check passed
+
+
+def test_evaluate_refuses_another_models_results(tmp_path, capsys):
+    """Issue 22 #1: evaluate --model-dir into a folder of another model's results used to print the old table;
+    now the run folder's fingerprints refuse it, and the old records stay as they were."""
+    from tokenreduce.eval import models as M
+
+    other = tmp_path / "other"
+    shutil.copytree(M.model_dir("image"), other)
+    config = json.loads((other / "config.json").read_text())
+    config["text_config"]["rms_norm_eps"] = 1e-5
+    (other / "config.json").write_text(json.dumps(config))
+    common = ["evaluate", "--bench", str(tmp_path / "bench"), "--datasets", "images", "--limit", "2", "--plans",
+              "none", "--timing-items", "0", "--threads", "1", "--no-progress", "--out", str(tmp_path / "out")]
+    assert cli_main(common) == 0
+    records = tmp_path / "out" / "images" / "records.jsonl"
+    before = records.read_bytes()
+    capsys.readouterr()
+    assert cli_main([*common, "--model-dir", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert "tokenreduce: error: --out" in err and "another run" in err and "model.fingerprint" in err
+    assert records.read_bytes() == before
