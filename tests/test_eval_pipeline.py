@@ -53,11 +53,11 @@ def test_checkpoint_loads_with_stock_from_pretrained(image_checkpoint):
 
 
 def test_extractors():
-    assert P.extract_paren("B) red") == "B"
-    assert P.extract_paren("no answer") == ""
-    assert P.extract_videomme("The best answer is C") == "C"
-    assert P.extract_ranked("(D) blue") == "D"
-    assert P.extract_ranked(" A") == "A"
+    assert P.extract("mlvu", "B) red") == "B"
+    assert P.extract("mlvu", "no answer") == ""
+    assert P.extract("videomme-legacy", "The best answer is C") == "C"
+    assert P.extract("videomme", "(D) blue") == "D"
+    assert P.extract("mlvu-lmms", " A") == "A"
 
 
 def test_main_job_runs_end_to_end_and_resumes(tmp_path: Path, image_checkpoint):
@@ -65,18 +65,22 @@ def test_main_job_runs_end_to_end_and_resumes(tmp_path: Path, image_checkpoint):
     E.add_arguments(p)
     args = p.parse_args(["--bench", str(tmp_path / "bench"), "--datasets", "images", "--limit", "4",
                          "--plans", "none;pool(tokens=16)", "--model-dir", str(image_checkpoint),
-                         "--out", str(tmp_path / "out"), "--threads", "2"])
+                         "--out", str(tmp_path / "out"), "--threads", "2", "--timing-items", "2",
+                         "--timing-repeats", "1", "--no-progress"])
     assert E.main(args) == 0
     out = tmp_path / "out"
     rows = json.loads((out / "summary.json").read_text())["rows"]
     assert {r["plan"] for r in rows} == {"none", "pool(tokens=16)"}
     assert all(r["tokens"] == 16 for r in rows if r["plan"] != "none")
+    assert all(r["speedup"] > 0 for r in rows)  # measured by the timing pass
     assert (out / "accuracy_vs_tokens.png").stat().st_size > 1000
-    assert "speedup" in (out / "table.txt").read_text()
-    n = len((out / "samples.jsonl").read_text().splitlines())
+    assert (out / "accuracy_vs_speedup.png").stat().st_size > 1000
+    assert "TTFT x" in (out / "table.txt").read_text()
+    records = out / "images" / "records.jsonl"
+    n = len(records.read_text().splitlines())
     assert n == 8  # 4 items x 2 plans
     assert E.main(args) == 0  # a second run finds every sample done and adds nothing
-    assert len((out / "samples.jsonl").read_text().splitlines()) == n
+    assert len(records.read_text().splitlines()) == n
 
 
 def test_keep_positions_rows_are_their_own_series(tmp_path: Path, image_checkpoint):
@@ -86,7 +90,7 @@ def test_keep_positions_rows_are_their_own_series(tmp_path: Path, image_checkpoi
     E.add_arguments(p)
     args = p.parse_args(["--bench", str(tmp_path / "bench"), "--datasets", "images", "--limit", "2",
                          "--plans", "none;random(tokens=8)", "--keep-positions", "--model-dir", str(image_checkpoint),
-                         "--out", str(tmp_path / "out"), "--threads", "2"])
+                         "--out", str(tmp_path / "out"), "--threads", "2", "--timing-items", "0", "--no-progress"])
     assert E.main(args) == 0
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert {r["plan"] for r in summary["rows"]} == {"none", "random(tokens=8) @positions"}

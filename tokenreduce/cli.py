@@ -406,6 +406,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="the streaming video demo web page (pip install 'tokenreduce[demo]')")
     demo.add_arguments(s)
     s.set_defaults(fn=demo.main)
+
+    from .eval import harness
+
+    s = sub.add_parser("eval", help="MLVU / Video-MME (or the generated benchmark) from a local folder under a plan")
+    harness.add_eval_arguments(s)
+    s.set_defaults(fn=harness.main_eval)
+    s = sub.add_parser("sweep", help="methods x budgets with none, random and pool, on one benchmark folder")
+    harness.add_sweep_arguments(s)
+    s.set_defaults(fn=harness.main_sweep)
     return p
 
 
