@@ -250,7 +250,9 @@ def overhead_rows(device: torch.device, dtype: torch.dtype, repeats: int, warmup
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype)
+    from tokenreduce.loading import DTYPE_ALIASES, DTYPES
+
+    dtype = DTYPES[DTYPE_ALIASES.get(args.dtype, args.dtype)]  # bench's --dtype: fp32/bf16/fp16 (or float32, ...)
     on_gpu = device.type == "cuda" and K.triton_available() and not interpreting()
     rows = []
     todo = cases(device, dtype, args.kernel_scale)

@@ -165,8 +165,8 @@ class AIMMerge(BudgetedReducer):
 
     weighted: bool = param(False, "merge by size-weighted means (the release: plain means)")
     frames: int = param(1, "merge across this many adjacent frames of a video (1: within each frame, as AIM)")
-    metric: str = param("features", "what merging matches on: 'features' (the tokens) or 'keys' (the vision "
-                         "tower's keys of the features, as the LLaVA-1.5 release)")
+    metric: str = param("features", "match on 'features' (the tokens) or 'keys' (the tower's keys, as the "
+                         "LLaVA-1.5 release)")
     order: str = param("spatial", "'spatial' (unmerged tokens stay in place between iterations) or 'release' "
                        "(the release's shuffled splits)")
 

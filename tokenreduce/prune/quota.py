@@ -215,8 +215,8 @@ class QuoTA(BudgetedReducer):
                         shown="USER: <video>\\nDoes this frame contain information that helps to answer ...")
     batch: int = param(16, "frames scored per forward pass of the 'vlm' scorer")
     decouple: bool = param(False, "first turn the question into objects to look for (QuoTA's query decoupling)")
-    grid: str = param("fill", "bilinear grid for a frame's share: 'fill' (the largest grid within it) or 'release' "
-                      "(QuoTA's near-square grids)")
+    grid: str = param("fill", "a share's bilinear grid: 'fill' (largest within it) or 'release' (near-square, "
+                      "as QuoTA)")
 
     def validate(self) -> None:
         super().validate()
