@@ -214,4 +214,6 @@ def test_a_16k_by_16k_match_stays_linear_in_memory():
         torch.zeros(16384, 16384)  # what a materialising match would hold
     assert i.shape == (16384,) and bool((i >= 0).all())
     assert full.mib > 900, f"the memory probe cannot see a 1 GiB matrix (measured {full.mib:.0f} MiB)"
-    assert blockwise.mib < 128, f"bipartite_match used {blockwise.mib:.0f} MiB for a 16k x 16k match"
+    # a 512-row block of similarities is 32 MiB; 256 MiB (a quarter of the full matrix) leaves room for what a torch
+    # build allocates on a first call (torch 2.14.1's CUDA build on CPU: 130 MiB here, 2.13.0's CPU build: < 128)
+    assert blockwise.mib < 256, f"bipartite_match used {blockwise.mib:.0f} MiB for a 16k x 16k match"
