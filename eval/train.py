@@ -52,6 +52,7 @@ import argparse
 import json
 import math
 import os
+import pickle
 import re
 import shutil
 import sys
@@ -624,7 +625,11 @@ def main(argv: list[str] | None = None) -> int:
     step, best, elapsed, history = 0, -1.0, 0.0, []
     total = None if args.steps is None else args.steps + sum(args.restart_steps)
     if state_path.exists():
-        st = torch.load(state_path, weights_only=False, map_location=device)
+        try:  # tensors and plain Python values only: a planted state file cannot run code (issue 22 #14)
+            st = torch.load(state_path, weights_only=True, map_location=device)
+        except pickle.UnpicklingError as e:
+            raise SystemExit(f"train: refusing {state_path}: it holds more than tensors and plain values, so it was "
+                             f"not written by this script ({str(e).splitlines()[0]})") from None
         for name, m in (("model", model), ("probe", probe), ("steps_heads", steps_heads), ("teacher", teacher)):
             m.load_state_dict(st[name])
         opt.load_state_dict(st["opt"])
@@ -655,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal best
         t = time.perf_counter()
         acc = validate(model, tokenizer, kind, val, device=args.device)
-        history.append({"step": step, "minutes": round(elapsed / 60, 2), **acc})
+        history.append({"step": step, "minutes": round(elapsed / 60, 2), **{k: float(v) for k, v in acc.items()}})
         line = " ".join(f"{k}={v:.3f}" for k, v in acc.items())
         print(f"[val] step {step} {line} ({time.perf_counter() - t:.0f}s)", flush=True)
         if acc["all"] > best:

@@ -15,7 +15,10 @@ def test_bench_writes_table_json_and_plot(tmp_path, capsys):
                        "--out", str(out), "--plot", str(png)])
     assert code == 0
     text = capsys.readouterr().out
-    assert "stc-cache+stc-prune(keep=0.25) (cap 40)" in text and "none (no cap)" in text
+    firsts = [line.split()[:2] for line in text.splitlines()]
+    assert ["stc-cache+stc-prune(keep=0.25)", "40"] in firsts and ["none", "none"] in firsts
+    assert max(len(line) for line in text.splitlines() if not line.startswith("wrote ")) <= 120
+    assert "tower x: tower ms / the first plan's" in text and "TTFT ms" not in text  # legend; --wide has the rest
     r = json.loads(out.read_text())
     assert r["checkpoints"] == [3, 6]
     labels = [(p["plan"], p["max_tokens"]) for p in r["plans"]]
@@ -29,6 +32,8 @@ def test_bench_writes_table_json_and_plot(tmp_path, capsys):
     assert max(f["visual_tokens"] for f in r["plans"][0]["frames"]) == 40  # capped
     assert r["plans"][2]["frames"][-1]["visual_tokens"] == 6 * 16  # uncapped grows
     assert png.stat().st_size > 10_000
+    wide = bench.table(r, wide=True)
+    assert all(h in wide.splitlines()[0] for h in bench.COLUMNS) and "TTFT ms: time to the answer's first" in wide
 
 
 def test_bench_rejects_bad_arguments(capsys):

@@ -122,7 +122,7 @@ def test_stop_at_ends_the_run_early_on_the_full_schedule(tmp_path: Path, capsys)
     logged_lr = float(steps[-1].split(" lr ")[1].split()[0])  # the rate step 3 trained with (schedule index 2)
     assert logged_lr == pytest.approx(T.learning_rate(2, 1.5e-3, 1, 6), rel=1e-2)
     assert logged_lr != pytest.approx(T.learning_rate(2, 1.5e-3, 1, 3), rel=1e-2)
-    assert torch.load(tmp_path / "state.pt", weights_only=False)["step"] == 3
+    assert torch.load(tmp_path / "state.pt", weights_only=True)["step"] == 3
     assert T.main(argv) == 0  # the same command again resumes at its end and trains nothing more
     again = capsys.readouterr().out
     assert "resumed at step 3/6" in again and not any(line.startswith("step ") for line in again.splitlines())
@@ -195,3 +195,26 @@ def test_restart_flags_pair_steps_with_peaks():
     shared = T.parse_args(["--model", "image", "--out", "x", "--steps", "100", "--lr", "2e-3",
                            "--restart-steps", "50", "60"])
     assert shared.restarts == [(50, 1e-3), (60, 1e-3)]  # default peak: half of --lr, for every cycle
+
+
+class _Planted:
+    """What a planted state file holds: unpickling it would create `marker` (any code could run instead)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_resume_refuses_a_state_file_that_would_run_code(tmp_path: Path):
+    """Resume loads tensors and plain values only (weights_only): a state file with a pickled callable is refused
+    with one message, and the callable never runs (issue 22 #14)."""
+    marker = tmp_path / "ran"
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"model": _Planted(marker), "step": 1}, out / "state.pt")
+    with pytest.raises(SystemExit, match="refusing .*state.pt: it holds more than tensors"):
+        T.main(["--model", "image", "--out", str(out), "--steps", "2", "--batch", "2", "--val-size", "4",
+                "--threads", "1"])
+    assert not marker.exists()

@@ -158,11 +158,33 @@ def run(model, processor, entries: Sequence[tuple[str, str, int | None]], minute
                 keep_positions=keep_positions, wall_s=wall, rss=rss, plans=results)
 
 
-def table(result: dict[str, Any]) -> str:
-    """One row per plan and checkpoint, with ratios against the first plan."""
-    head = ("plan", "min", "fps", "frame ms", "tower ms", "tower x", "proj+red ms", "LLM ms", "LLM x", "saved ms/frame",
-            "kept/frame", "KV tok", "KV MiB", "answer ms", "answer x", "TTFT ms", "correct")
-    rows = [head]
+#: every column of the table: (header, legend); the default table shows NARROW, `--wide` all of them
+COLUMNS: dict[str, str] = {
+    "plan": "the session's plan",
+    "cap": "the session's cap on visual KV entries (max_tokens; 'none': uncapped)",
+    "min": "minutes of stream at the checkpoint",
+    "fps": "frames per second the session sustained over the window before the checkpoint",
+    "frame ms": "wall time per pushed frame (encode, reduce, append to the KV cache), median",
+    "tower ms": "vision tower time per frame, median",
+    "tower x": "tower ms / the first plan's (below 1: the cacher saves encoder time)",
+    "proj+red ms": "projector, pooling and reducers per frame, median",
+    "LLM ms": "appending the frame's kept tokens to the LLM's KV cache, median",
+    "LLM x": "LLM ms / the first plan's",
+    "saved ms": "the cacher's measured saving per frame vs the recent reference frames (negative: it costs)",
+    "kept": "visual tokens kept per frame",
+    "KV tok": "visual entries in the KV cache at the checkpoint (bounded by the cap)",
+    "KV MiB": "memory of those KV entries",
+    "answer ms": "time to answer a question at the checkpoint (greedy), median of the repeats",
+    "answer x": "answer ms / the first plan's",
+    "TTFT ms": "time to the answer's first token, median",
+    "correct": "share of the checkpoint's questions answered correctly",
+}
+NARROW = ("plan", "cap", "min", "fps", "tower x", "saved ms", "kept", "KV tok", "answer ms", "answer x", "correct")
+
+
+def table(result: dict[str, Any], wide: bool = False) -> str:
+    """One row per plan and checkpoint, with ratios against the first plan, and a legend under it; at most 120
+    characters wide unless `wide` (every column)."""
     base = result["plans"][0]["windows"]
 
     def ratio(a, b):
@@ -171,18 +193,29 @@ def table(result: dict[str, Any]) -> str:
     def f(x, d=1):
         return "-" if x is None else f"{x:.{d}f}"
 
+    heads = list(COLUMNS) if wide else list(NARROW)
+    rows = [heads]
     for p in result["plans"]:
-        label = p["label"] + (f" (cap {p['max_tokens']})" if p["max_tokens"] else " (no cap)")
+        cap = str(p["max_tokens"]) if p["max_tokens"] else "none"
         for w, b in zip(p["windows"], base):
-            rows.append((label, f(w["minute"], 0 if w["minute"] >= 1 else 2), f(w["fps"], 2), f(w["frame_ms"]),
-                         f(w["tower_ms"]), ratio(w["tower_ms"], b["tower_ms"]), f(w["proj_reduce_ms"]), f(w["llm_ms"]),
-                         ratio(w["llm_ms"], b["llm_ms"]), f(w["saved_ms"]), f(w["kept"], 0), str(w["kv_tokens"]),
-                         f(w["kv_mib"], 2), f(w["answer_ms"]), ratio(w["answer_ms"], b["answer_ms"]),
-                         f(w["ttft_ms"]), f(w["correct"], 2)))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
-    lines = ["| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+            cells = {
+                "plan": p["label"], "cap": cap, "min": f(w["minute"], 0 if w["minute"] >= 1 else 2),
+                "fps": f(w["fps"], 2),
+                "frame ms": f(w["frame_ms"]), "tower ms": f(w["tower_ms"]),
+                "tower x": ratio(w["tower_ms"], b["tower_ms"]), "proj+red ms": f(w["proj_reduce_ms"]),
+                "LLM ms": f(w["llm_ms"]), "LLM x": ratio(w["llm_ms"], b["llm_ms"]), "saved ms": f(w["saved_ms"]),
+                "kept": f(w["kept"], 0), "KV tok": str(w["kv_tokens"]), "KV MiB": f(w["kv_mib"], 2),
+                "answer ms": f(w["answer_ms"]), "answer x": ratio(w["answer_ms"], b["answer_ms"]),
+                "TTFT ms": f(w["ttft_ms"]), "correct": f(w["correct"], 2),
+            }
+            rows.append([cells[h] for h in heads])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(heads))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    key = max(len(h) for h in heads)
+    legend = [f"{h.rjust(key)}: {COLUMNS[h]}" for h in heads]
+    return "\n".join(lines + [""] + legend)
 
 
 def plot(result: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -255,6 +288,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads")
     p.add_argument("--out", default="stream-bench.json", help="JSON output")
     p.add_argument("--plot", default=None, help="write a PNG of memory and latency over time here (matplotlib)")
+    p.add_argument("--wide", action="store_true", help="print every column (default: the table fits 120 characters)")
     return p.parse_args(argv)
 
 
@@ -291,7 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result.update(model=args.model, vision_layers=args.vision_layers, llm_layers=args.llm_layers,
                   threads=torch.get_num_threads(), torch=torch.__version__, cpu_count=os.cpu_count(),
                   loadavg=os.getloadavg() if hasattr(os, "getloadavg") else None)
-    text = table(result)
+    text = table(result, wide=args.wide)
     print(text)
     out = Path(args.out)
     out.write_text(json.dumps(result, indent=1) + "\n")
