@@ -14,6 +14,7 @@ measured vision time, LLM prefill time, time to first token, decode tokens/s and
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import hashlib
 import json
@@ -121,6 +122,16 @@ def checkpoint_info(path: str | os.PathLike, dtype: str = "float32") -> dict[str
         raise EvalError(f"--model {str(path)!r}: not a vision-language checkpoint transformers knows ({e})") from None
     return {"fingerprint": model_fingerprint(path), "class": cls.__name__,
             "dtype": str(DTYPES[dtype]).replace("torch.", "")}
+
+
+def add_runtime_arguments(p: argparse.ArgumentParser, device_help: str) -> None:
+    """The options `evaluate`, `eval` and `sweep` share: where and how the model runs, and how the table shows."""
+    p.add_argument("--device", default="cpu", help=device_help)
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (or fp32, bf16, fp16)")
+    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
+    p.add_argument("--threads", default=None, help="torch.set_num_threads")
+    p.add_argument("--wide", action="store_true", help="every column (the table is otherwise at most 120 wide)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

@@ -32,7 +32,7 @@ import numpy as np
 
 from . import models as M
 from . import protocols as P
-from .answer import POSITIONS, Answerer, Sampling, split_positions
+from .answer import POSITIONS, Answerer, Sampling, add_runtime_arguments, split_positions
 from .datasets import Item
 from .errors import EvalError
 from .runner import blank_like
@@ -49,6 +49,7 @@ IMAGE_METHODS: dict[str, str] = {
     "aim-merge": "aim-merge(tokens={n})",
     "hired": "hired(tokens={n})",
     "aim-merge+aim-prune": "aim-merge(tokens={n})+aim-prune",
+    "mustdrop": "mustdrop(tokens={n})",  # the budget form: visual tokens averaged over the decoder layers
 }
 VIDEO_METHODS: dict[str, str] = {
     "random": "random(tokens={n})",
@@ -58,10 +59,12 @@ VIDEO_METHODS: dict[str, str] = {
     "aim-merge+aim-prune": "aim-merge(tokens={n})+aim-prune",
     "stc-prune": "stc-prune(tokens={n})",
     "stc-cache+stc-prune": "stc-cache+stc-prune(tokens={n})",
+    "mustdrop": "mustdrop-prefill(tokens={n})+mustdrop-decode",  # SigLIP: no CLS for the vision stage
 }
 IMAGE_REDUCERS = tuple(IMAGE_METHODS)
 VIDEO_REDUCERS = tuple(VIDEO_METHODS)
-#: plans whose budget is adaptive (MustDrop's thresholds), run once each. Layers 1/2/3 are MustDrop's 2/6/10/14
+#: plans whose budget is adaptive (MustDrop's thresholds, the release's rule beside the budget form above), run
+#: once each. Layers 1/2/3 are MustDrop's 2/6/10/14
 #: of 32 scaled to the 6-layer decoders; the thresholds scale its (0.001, 0.001) on 576 tokens by the token
 #: count, from "drop little" to "drop much". SigLIP (video) has no CLS token for the vision stage, so video runs
 #: the LLM stages only (prefill drop + KV cut), where kept tokens keep their original positions.
@@ -206,13 +209,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "every plan interleaved with the unreduced model (default 8; 0: none)")
     p.add_argument("--timing-repeats", default="3", help="measured rounds of the timing pass (default 3, after one "
                    "warm-up round)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
-    p.add_argument("--threads", default=None, help="torch.set_num_threads")
     p.add_argument("--out", default="bench-results/evaluate", help="output folder")
-    p.add_argument("--wide", action="store_true", help="every column (the table is otherwise at most 120 wide)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_runtime_arguments(p, device_help="cpu or cuda[:N]")
 
 
 def check_arguments(args: argparse.Namespace) -> dict[str, Any]:

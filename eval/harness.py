@@ -158,6 +158,9 @@ def _common_checks(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def add_common_arguments(p: argparse.ArgumentParser) -> None:
+    """The options ``eval`` and ``sweep`` share."""
+    from .answer import add_runtime_arguments
+
     p.add_argument("--bench", required=True, help=f"benchmark: {', '.join(BENCHES)}")
     p.add_argument("--data", required=True, help="the benchmark folder in its real layout (see the README); the "
                    "generated benchmark's split folders work too")
@@ -180,12 +183,7 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timing-repeats", default="3", help="measured rounds of the timing pass (default 3, after 1 "
                    "warm-up round)")
     p.add_argument("--memory", action="store_true", help="record peak memory per question (CPU: RSS high-water)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (under torchrun: each rank's own GPU)")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
-    p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])
-    p.add_argument("--threads", default=None, help="torch.set_num_threads")
-    p.add_argument("--wide", action="store_true", help="every column (the table is otherwise at most 120 wide)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_runtime_arguments(p, device_help="cpu or cuda[:N] (under torchrun: each rank's own GPU)")
 
 
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:

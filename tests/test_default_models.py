@@ -19,6 +19,8 @@ from transformers import (
     LlavaOnevisionForConditionalGeneration,
 )
 
+import tokenreduce as tr
+
 #: issue 7's quality bar (chance is 0.25), which each shipped model must reach on this sample (measured:
 #: images 0.938, Video-MME layout 0.844, MLVU layout 0.885)
 BAR = {"images": 0.90, "videomme": 0.80, "mlvu": 0.80}
@@ -95,10 +97,12 @@ def test_blank_video_falls_to_chance(video_model, video_samples, dataset):
 @pytest.mark.parametrize("kind", M.KINDS)
 def test_every_plan_of_the_main_job_serves_its_default_model(kind, image_model, video_model, image_sample,
                                                               video_samples):
-    """The main job's plan list for each model runs without an error row: every budgeted plan keeps exactly its
-    budget, and every adaptive (MustDrop) plan drops something in the LLM on the first items, so no row of the
-    table is the unreduced one again. (Its thresholds decide per sample: on a given item the mildest pair may
-    drop nothing, as the paper's defaults do on the image model's first test item.)"""
+    """The main job's plan list for each model: every budgeted plan keeps exactly its budget (MustDrop's budget
+    form as the average over the decoder layers, and below what its first drop allows a BudgetError naming that
+    floor: the one error row of the table), and every adaptive (MustDrop threshold) plan drops something in the
+    LLM on the first items, so no row of the table is the unreduced one again. (Its thresholds decide per sample:
+    on a given item the mildest pair may drop nothing, as the paper's defaults do on the image model's first test
+    item.)"""
     model, tok = image_model if kind == "image" else video_model
     items, visuals = image_sample if kind == "image" else video_samples["videomme"]
     reducers = E.IMAGE_REDUCERS if kind == "image" else E.VIDEO_REDUCERS
@@ -106,7 +110,16 @@ def test_every_plan_of_the_main_job_serves_its_default_model(kind, image_model, 
     assert len(plans) == 1 + len(reducers) * len(E.DEFAULT_KEEP) + len(E.FREE_PLANS[kind])
     full = E.answer(model, tok, items[0], visuals[0])
     for plan in plans[1:]:
-        if "tokens=" in plan:
+        if "tokens=" in plan and plan.startswith("mustdrop"):
+            budget = int(plan.split("tokens=")[1].split(")")[0])
+            floor = full["tokens"] / model.config.text_config.num_hidden_layers  # layer 0 sees every token
+            if budget < floor:
+                with pytest.raises(tr.BudgetError, match="out of reach.*cannot go below"):
+                    E.answer(model, tok, items[0], visuals[0], plan)
+                continue
+            rec = E.answer(model, tok, items[0], visuals[0], plan)
+            assert rec["layer_avg"] == pytest.approx(budget, abs=0.5) and rec["tokens"] > budget, plan
+        elif "tokens=" in plan:
             rec = E.answer(model, tok, items[0], visuals[0], plan)
             budget = int(plan.split("tokens=")[1].split(")")[0])
             assert rec["tokens"] == budget, plan

@@ -444,9 +444,10 @@ def _plan_options(text: str) -> tuple[str, dict[str, bool]]:
     return rest, options
 
 
-def _last_outside_arguments(text: str, char: str) -> int:
-    """Index of the last `char` in `text` outside parentheses and quotes, or -1."""
-    depth, quote, escaped, last = 0, None, False, -1
+def _outside_quotes(text: str) -> tuple[list[tuple[int, str, int]], int, bool]:
+    """Scan a plan string: (index, char, bracket depth after it) of every character outside quotes, the depth at
+    the end, and whether a quote is left open. A backslash escapes the next character inside quotes."""
+    chars, depth, quote, escaped = [], 0, None, False
     for i, ch in enumerate(text):
         if quote:
             if escaped:
@@ -455,15 +456,18 @@ def _last_outside_arguments(text: str, char: str) -> int:
                 escaped = True
             elif ch == quote:
                 quote = None
-        elif ch in "'\"":
+            continue
+        if ch in "'\"":
             quote = ch
-        elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-        elif ch == char and depth == 0:
-            last = i
-    return last
+            continue
+        depth += (ch in "([{") - (ch in ")]}")
+        chars.append((i, ch, depth))
+    return chars, depth, quote is not None
+
+
+def _last_outside_arguments(text: str, char: str) -> int:
+    """Index of the last `char` in `text` outside parentheses and quotes, or -1."""
+    return max((i for i, ch, depth in _outside_quotes(text)[0] if ch == char and depth == 0), default=-1)
 
 
 #: one plan entry, already stripped: a reducer name and optionally its arguments in parentheses. No two
@@ -476,31 +480,16 @@ _WORDS: dict[str, Any] = {"true": True, "false": False, "none": None, "inf": mat
 
 def _split_top(text: str) -> list[str]:
     """Split on '+' outside brackets and quotes (a backslash escapes the next character inside quotes)."""
-    parts, depth, cur, quote, escaped = [], 0, [], None, False
-    for ch in text:
-        if quote:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == quote:
-                quote = None
-        elif ch in "'\"":
-            quote = ch
-        elif ch in "([{":
-            depth += 1
-        elif ch in ")]}":
-            depth -= 1
-            if depth < 0:
-                raise PlanError(f"unbalanced {ch!r} in plan {short(text)}")
-        elif ch == "+" and depth == 0:
-            parts.append("".join(cur))
-            cur = []
-            continue
-        cur.append(ch)
-    if depth != 0 or quote:
+    chars, depth, open_quote = _outside_quotes(text)
+    cuts = []
+    for i, ch, d in chars:
+        if d < 0:
+            raise PlanError(f"unbalanced {ch!r} in plan {short(text)}")
+        if ch == "+" and d == 0:
+            cuts.append(i)
+    if depth != 0 or open_quote:
         raise PlanError(f"unbalanced parentheses or quotes in plan {short(text)}")
-    parts.append("".join(cur))
+    parts = [text[a + 1:b] for a, b in zip([-1, *cuts], [*cuts, len(text)])]
     for p in parts:
         if not p.strip():
             raise PlanError(f"empty entry in plan {short(text)} (a stray '+'?)")

@@ -122,6 +122,17 @@ class VisualTokens:
         """(num_items,) long: current tokens per item."""
         return torch.bincount(self.item, minlength=self.num_items)
 
+    def item_boxes(self) -> tuple[Tensor, Tensor, list[int], list[int]]:
+        """Each item's bounding rectangle on its grid: first row (num_items,), first column (num_items,), and
+        heights and widths as lists (an item without tokens gets a negative size)."""
+        dev, n = self.item.device, self.num_items
+        big = torch.iinfo(torch.long).max
+        r0 = torch.full((n,), big, device=dev).scatter_reduce(0, self.item, self.row, "amin")
+        c0 = torch.full((n,), big, device=dev).scatter_reduce(0, self.item, self.col, "amin")
+        r1 = torch.full((n,), -1, device=dev).scatter_reduce(0, self.item, self.row, "amax")
+        c1 = torch.full((n,), -1, device=dev).scatter_reduce(0, self.item, self.col, "amax")
+        return r0, c0, (r1 - r0 + 1).tolist(), (c1 - c0 + 1).tolist()
+
     def select(self, index: Tensor) -> VisualTokens:
         """Keep the tokens at `index` (a 1-D long tensor), in the order given."""
         assign = torch.full((len(self),), -1, dtype=torch.long, device=self.features.device)

@@ -107,14 +107,8 @@ class Pool(BudgetedReducer):
                 f"sample; pooling keeps at least one token of each: give tokens >= {live}"
             )
         ks = self.item_budgets(tokens)
-        n_items = tokens.num_items
-        big = torch.iinfo(torch.long).max
         # each item's tokens must fill a rectangle of its grid: the whole grid, or what anyres unpadding left
-        r0 = torch.full((n_items,), big, device=dev).scatter_reduce(0, tokens.item, tokens.row, "amin")
-        c0 = torch.full((n_items,), big, device=dev).scatter_reduce(0, tokens.item, tokens.col, "amin")
-        r1 = torch.full((n_items,), -1, device=dev).scatter_reduce(0, tokens.item, tokens.row, "amax")
-        c1 = torch.full((n_items,), -1, device=dev).scatter_reduce(0, tokens.item, tokens.col, "amax")
-        hs, ws = (r1 - r0 + 1).tolist(), (c1 - c0 + 1).tolist()
+        r0, c0, hs, ws = tokens.item_boxes()
         tables, table_of_item, offset = [], [], []
         shapes: dict[tuple[int, int, int], int] = {}
         total = 0

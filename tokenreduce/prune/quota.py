@@ -133,13 +133,8 @@ def resize_frames(tokens: VisualTokens, budgets: list[int], rule: str = "fill",
     """
     dev = tokens.features.device
     n_items = tokens.num_items
-    big = torch.iinfo(torch.long).max
-    r0 = torch.full((n_items,), big, device=dev).scatter_reduce(0, tokens.item, tokens.row, "amin")
-    c0 = torch.full((n_items,), big, device=dev).scatter_reduce(0, tokens.item, tokens.col, "amin")
-    r1 = torch.full((n_items,), -1, device=dev).scatter_reduce(0, tokens.item, tokens.row, "amax")
-    c1 = torch.full((n_items,), -1, device=dev).scatter_reduce(0, tokens.item, tokens.col, "amax")
+    r0, c0, hs, ws = tokens.item_boxes()
     counts = tokens.item_counts().tolist()
-    hs, ws = (r1 - r0 + 1).tolist(), (c1 - c0 + 1).tolist()
     order = torch.argsort(tokens.item * (1 << 40) + tokens.row * (1 << 20) + tokens.col, stable=True)
     starts = [0]
     for c in counts:
