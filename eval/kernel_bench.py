@@ -299,26 +299,59 @@ def _fmt(v: float | None, spec: str = ".2f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def table(result: dict[str, Any]) -> str:
-    """The kernel table and the overhead table, as markdown."""
-    lines = [f"kernels on {result['device']} ({result['dtype']}, {result['threads']} threads, medians of "
-             f"{result['repeats']}); triton: {result['triton']}", "",
-             "| op | shape | naive ms | torch ms | triton ms | naive MiB | torch MiB | triton MiB | torch vs naive | "
-             "triton vs naive |", "|---|---|---|---|---|---|---|---|---|---|"]
+#: the kernel table's columns and what each means; the default table leaves out "triton MiB" and shortens shapes
+LEGEND = {
+    "op": "the kernel (tokenreduce.kernels entry point)",
+    "shape": "its inputs: tokens (or frames x tokens per frame, or items x grid) and the feature width D",
+    "naive ms": "plain torch that materialises what the kernel avoids (full similarity matrix, expanded index)",
+    "torch ms": "our torch reference (blockwise, no Python loop over tokens or frames)",
+    "triton ms": "the Triton kernel ('-': not measured, it needs a CUDA GPU)",
+    "naive MiB": "peak memory of the naive version (CPU: resident-memory high-water mark; GPU: allocator peak)",
+    "torch MiB": "peak memory of the torch reference",
+    "triton MiB": "peak memory of the Triton kernel",
+    "torch x": "naive ms / torch ms (above 1: the reference is faster)",
+    "triton x": "naive ms / triton ms",
+}
+_NARROW = ("op", "shape", "naive ms", "torch ms", "triton ms", "naive MiB", "torch MiB", "torch x", "triton x")
+
+
+def _compact(shape: str) -> str:
+    """"128 frames x 196, D 3584" -> "128x196 D3584": the shape column of the default table."""
+    for old, new in ((" frames", ""), (" tokens", ""), (" grid", ""), (" x ", "x"), (", D ", " D"), (", keep ", " k")):
+        shape = shape.replace(old, new)
+    return shape
+
+
+def _aligned(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    return [lines[0], "-" * len(lines[0]), *lines[1:]]
+
+
+def table(result: dict[str, Any], wide: bool = False) -> str:
+    """The kernel table (at most 120 columns unless `wide`) with its legend, then the aim-merge overhead table."""
+    heads = list(LEGEND) if wide else list(_NARROW)
+    rows = [heads]
     for r in result["rows"]:
         tx = None if r["triton_ms"] is None else r["naive_ms"] / r["triton_ms"]
-        lines.append(f"| {r['op']} | {r['shape']} | {_fmt(r['naive_ms'])} | {_fmt(r['torch_ms'])} | "
-                     f"{_fmt(r['triton_ms'])} | {_fmt(r['naive_mib'], '.1f')} | {_fmt(r['torch_mib'], '.1f')} | "
-                     f"{_fmt(r['triton_mib'], '.1f')} | {r['naive_ms'] / r['torch_ms']:.2f}x | {_fmt(tx)}"
-                     f"{'' if tx is None else 'x'} |")
-    lines += ["", "aim-merge(keep=0.25) reduce vs its core merge (bipartite_merge on the stacked frames); reduce / core"
-              " is the median of per-round ratios, bookkeeping the reducer with the merge's result precomputed:", "",
-              "| threads | frames x tokens | D | core ms | reduce ms | reduce / core | bookkeeping ms |",
-              "|---|---|---|---|---|---|---|"]
+        cells = {"op": r["op"], "shape": r["shape"] if wide else _compact(r["shape"]),
+                 "naive ms": _fmt(r["naive_ms"]), "torch ms": _fmt(r["torch_ms"]), "triton ms": _fmt(r["triton_ms"]),
+                 "naive MiB": _fmt(r["naive_mib"], ".1f"), "torch MiB": _fmt(r["torch_mib"], ".1f"),
+                 "triton MiB": _fmt(r["triton_mib"], ".1f"), "torch x": f"{r['naive_ms'] / r['torch_ms']:.2f}x",
+                 "triton x": "-" if tx is None else f"{tx:.2f}x"}
+        rows.append([cells[h] for h in heads])
+    key = max(len(h) for h in heads)
+    lines = [f"kernels on {result['device']} ({result['dtype']}, {result['threads']} threads, medians of "
+             f"{result['repeats']}); triton: {result['triton']}", "", *_aligned(rows), "",
+             *(f"{h.rjust(key)}: {LEGEND[h]}" for h in heads)]
+    lines += ["", "aim-merge(keep=0.25) reduce vs its core merge (bipartite_merge on the stacked frames); "
+              "reduce / core", "is the median of per-round ratios, bookkeeping the reducer with the merge's result "
+              "precomputed:", ""]
+    over = [["threads", "frames x tokens", "D", "core ms", "reduce ms", "reduce / core", "bookkeeping ms"]]
     for r in result["aim_merge_overhead"]:
-        lines.append(f"| {r['threads']} | {r['frames']} x {r['tokens']} | {r['dim']} | {r['core_ms']:.2f} | "
-                     f"{r['reduce_ms']:.2f} | {r['ratio']:.3f} | {r['bookkeeping_ms']:.2f} |")
-    return "\n".join(lines)
+        over.append([str(r["threads"]), f"{r['frames']} x {r['tokens']}", str(r["dim"]), f"{r['core_ms']:.2f}",
+                     f"{r['reduce_ms']:.2f}", f"{r['ratio']:.3f}", f"{r['bookkeeping_ms']:.2f}"])
+    return "\n".join(lines + _aligned(over))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -329,7 +362,7 @@ def main(args: argparse.Namespace) -> int:
     if out == Path("bench-results/bench.json"):  # the plan benchmark's default: keep them apart
         out = Path("bench-results/kernels.json")
     result = run(args)
-    print(table(result))
+    print(table(result, wide=getattr(args, "wide", False)))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}", file=sys.stderr)
