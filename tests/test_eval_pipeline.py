@@ -112,6 +112,7 @@ def test_keep_positions_rows_are_their_own_series(tmp_path: Path, image_checkpoi
         hook.remove()
 
 
+@pytest.mark.slow
 def test_training_script_checkpoints_and_resumes(tmp_path: Path, capsys):
     """A few steps of the real training script; a second run with more steps resumes instead of restarting."""
     from tokenreduce.eval import train as T

@@ -85,6 +85,7 @@ def test_records_and_outputs(reference):
     assert "MLVU: M-Avg and lmms-eval's aggregate" in md and "| none |" in md
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_redoes_nothing_and_duplicates_nothing(bench, reference, tmp_path):
     out = tmp_path / "run"
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
@@ -133,6 +134,7 @@ def test_another_model_or_data_is_refused(bench, reference, tmp_path, capsys):
     assert (out / "records.jsonl").read_bytes() == before  # nothing touched
 
 
+@pytest.mark.slow
 def test_adding_a_plan_reuses_the_finished_ones(bench, reference, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(reference, out)
@@ -145,6 +147,7 @@ def test_adding_a_plan_reuses_the_finished_ones(bench, reference, tmp_path):
 
 
 @pytest.mark.torchrun
+@pytest.mark.slow
 def test_torchrun_two_processes_give_the_table_of_one(bench, reference, tmp_path):
     out = tmp_path / "run"
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -164,6 +167,7 @@ def test_torchrun_two_processes_give_the_table_of_one(bench, reference, tmp_path
     assert r.stdout.count("none") >= 1  # the table is printed once, by rank 0
 
 
+@pytest.mark.slow
 def test_sweep_adds_baselines_at_every_budget(bench, tmp_path):
     out = tmp_path / "sweep"
     r = cli(["sweep", "--bench", "images", "--data", str(bench), "--methods", "aim-merge", "--budgets", "0.5,16",

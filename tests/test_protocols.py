@@ -99,6 +99,7 @@ def test_prompts_are_the_references():
 
 
 @pytest.mark.lmms_eval
+@pytest.mark.slow
 def test_lmms_eval_itself_agrees_on_every_completion():
     """Runs lmms-eval 0.7.3's and 0.7.1's real task functions on all completions (each version in its own
     process) and compares them with the committed table and with our extractors."""
