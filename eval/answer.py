@@ -125,7 +125,12 @@ def checkpoint_info(path: str | os.PathLike, dtype: str = "float32") -> dict[str
 
 
 def add_runtime_arguments(p: argparse.ArgumentParser, device_help: str) -> None:
-    """The options `evaluate`, `eval` and `sweep` share: where and how the model runs, and how the table shows."""
+    """The options `evaluate`, `eval` and `sweep` share: the timing pass, where and how the model runs, and how
+    the table shows."""
+    p.add_argument("--timing-items", default="8", help="questions (per data set) the TTFT speedup is measured on "
+                   "after the answers, every plan interleaved with the unreduced model (default 8; 0: no timing pass)")
+    p.add_argument("--timing-repeats", default="3", help="measured rounds of the timing pass (default 3, after one "
+                   "warm-up round)")
     p.add_argument("--device", default="cpu", help=device_help)
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (or fp32, bf16, fp16)")
     p.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash_attention_2"])

@@ -205,10 +205,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--blank", action="store_true", help="replace every image/video by a blank one (chance check)")
     p.add_argument("--model-dir", default=None, help="an image or video checkpoint folder instead of the shipped "
                    "defaults (then only the data sets of its kind run)")
-    p.add_argument("--timing-items", default="8", help="questions per data set the TTFT speedup is measured on, "
-                   "every plan interleaved with the unreduced model (default 8; 0: none)")
-    p.add_argument("--timing-repeats", default="3", help="measured rounds of the timing pass (default 3, after one "
-                   "warm-up round)")
     p.add_argument("--out", default="bench-results/evaluate", help="output folder")
     add_runtime_arguments(p, device_help="cpu or cuda[:N]")
 

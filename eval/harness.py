@@ -178,10 +178,6 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
                    "videomme_w_subtitle prompt; subtitle/<videoID>.srt)")
     p.add_argument("--skip-missing", action="store_true", help="count and leave out malformed rows and questions "
                    "whose video is missing, instead of stopping")
-    p.add_argument("--timing-items", default="8", help="questions the TTFT speedup is measured on after the "
-                   "answers, interleaved with the unreduced model (default 8; 0: no timing pass)")
-    p.add_argument("--timing-repeats", default="3", help="measured rounds of the timing pass (default 3, after 1 "
-                   "warm-up round)")
     p.add_argument("--memory", action="store_true", help="record peak memory per question (CPU: RSS high-water)")
     add_runtime_arguments(p, device_help="cpu or cuda[:N] (under torchrun: each rank's own GPU)")
 
