@@ -96,6 +96,7 @@ def test_the_readme_has_its_commands():
     """The README opens with the two commands (install + main job, install + tests)."""
     first = README.read_text().split("```bash\n")[1:3]
     assert "tokenreduce evaluate" in first[0] and "pytest" in first[1]
+    assert re.search(r'pip install -e "\.\[[a-z,]*eval[a-z,]*\]"', first[0]), "the main job's plots need the eval extra"
     assert len(COMMANDS) > 20
 
 
