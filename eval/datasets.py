@@ -249,6 +249,26 @@ class _Collector:
         return True
 
 
+def _checked_choices(col: _Collector, qid: str, row: dict[str, Any], fields: tuple[str, ...], key: str,
+                     types: tuple[type, ...]) -> list[str] | None:
+    """`row[key]`, the question's answer choices, after the checks every reader makes: the text `fields` present,
+    at least two string choices, the question id not seen before, at most six choices. None, reported to `col`,
+    when one fails."""
+    choices = row.get(key)
+    missing = [k for k in fields if _text(row, k) is None]
+    if not isinstance(choices, types) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+        missing.append(key)
+    if missing:
+        col.bad(qid, "malformed", f"missing or empty {', '.join(missing)}")
+        return None
+    if not col.unique(qid):
+        return None
+    if len(choices) > len(LETTERS):
+        col.bad(qid, "malformed", f"{len(choices)} {key} (at most {len(LETTERS)})")
+        return None
+    return list(choices)
+
+
 def _text(row: dict[str, Any], key: str) -> str | None:
     v = row.get(key)
     return v if isinstance(v, str) and v.strip() else None
@@ -293,18 +313,8 @@ def _videomme(data: Path, col: _Collector) -> tuple[Path, list[Path], list[Item]
             if not isinstance(row, dict):
                 col.bad(qid, "malformed", "the row is not an object")
                 continue
-            missing = [k for k in ("videoID", "question", "answer") if _text(row, k) is None]
-            options = row.get("options")
-            if not isinstance(options, (list, tuple)) or len(options) < 2 or not all(
-                    isinstance(o, str) for o in options):
-                missing.append("options")
-            if missing:
-                col.bad(qid, "malformed", f"missing or empty {', '.join(missing)}")
-                continue
-            if not col.unique(qid):
-                continue
-            if len(options) > len(LETTERS):
-                col.bad(qid, "malformed", f"{len(options)} options (at most {len(LETTERS)})")
+            options = _checked_choices(col, qid, row, ("videoID", "question", "answer"), "options", (list, tuple))
+            if options is None:
                 continue
             texts = tuple(re.sub(r"^[A-F]\.\s?", "", o, count=1) for o in options)
             answer = row["answer"].strip()
@@ -349,17 +359,8 @@ def _mlvu_official(data: Path, bench: str, col: _Collector, media_key: str) -> t
             if not isinstance(row, dict):
                 col.bad(qid, "malformed", "the row is not an object")
                 continue
-            cands = row.get("candidates")
-            missing = [k for k in (media_key, "question") if _text(row, k) is None]
-            if not isinstance(cands, list) or len(cands) < 2 or not all(isinstance(c, str) for c in cands):
-                missing.append("candidates")
-            if missing:
-                col.bad(qid, "malformed", f"missing or empty {', '.join(missing)}")
-                continue
-            if not col.unique(qid):
-                continue
-            if len(cands) > len(LETTERS):
-                col.bad(qid, "malformed", f"{len(cands)} candidates (at most {len(LETTERS)})")
+            cands = _checked_choices(col, qid, row, (media_key, "question"), "candidates", (list,))
+            if cands is None:
                 continue
             answer: str | None
             raw = row.get("answer")
