@@ -143,6 +143,35 @@ def shape_mask(shape: str, px: int) -> np.ndarray:
     return mask
 
 
+#: period (pixels) of a shape's fill pattern; every 14-px patch of an object sees at least two periods
+FILL_PERIOD = 6
+#: brightness of a pattern's dark stripes relative to the object's colour
+FILL_SHADE = 0.55
+
+
+@lru_cache(maxsize=64)
+def fill_mask(shape: str, px: int) -> np.ndarray:
+    """Boolean (px, px) mask of the dark part of `shape`'s fill pattern (True = shaded).
+
+    Each shape has its own fill, so that every patch inside an object shows what it is, as a patch of a real
+    object shows its texture: circle solid, square horizontal stripes, triangle vertical stripes, diamond
+    checks, cross diagonal stripes. The outline still differs too.
+    """
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    half = FILL_PERIOD // 2
+    y, x = np.mgrid[0:px, 0:px]
+    mask = {
+        "circle": np.zeros((px, px), dtype=bool),
+        "square": (y // half) % 2 == 1,
+        "triangle": (x // half) % 2 == 1,
+        "diamond": (y // half + x // half) % 2 == 1,
+        "cross": ((x + y) // half) % 2 == 1,
+    }[shape]
+    mask.setflags(write=False)
+    return mask
+
+
 def blank(size: int, frames: int | None = None) -> np.ndarray:
     """Background-filled (size, size, 3) uint8 image, or (frames, size, size, 3) when `frames` is given."""
     shape = (size, size, 3) if frames is None else (frames, size, size, 3)
@@ -153,17 +182,25 @@ def blank(size: int, frames: int | None = None) -> np.ndarray:
 
 def paint(canvas: np.ndarray, colour: str | tuple[int, int, int], shape: str, y: int, x: int, px: int) -> None:
     """Paint a `px`-wide `shape` in `colour` (a palette name or an RGB triple) with its top-left corner at pixel
-    (y, x), in place.
+    (y, x), in place. A palette colour gets the shape's fill pattern (`fill_mask`); an RGB triple (the
+    backdrop's clutter) is painted flat.
 
     `canvas` is (H, W, 3) or (T, H, W, 3) (then every frame gets the object). Pixels outside are clipped.
     """
     h, w = canvas.shape[-3], canvas.shape[-2]
-    mask = shape_mask(shape, px)
     y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + px, h), min(x + px, w)
     if y0 >= y1 or x0 >= x1:
         return
-    m = mask[y0 - y : y1 - y, x0 - x : x1 - x]
-    canvas[..., y0:y1, x0:x1, :][..., m, :] = COLOURS[colour] if isinstance(colour, str) else colour
+    window = (slice(y0 - y, y1 - y), slice(x0 - x, x1 - x))
+    m = shape_mask(shape, px)[window]
+    region = canvas[..., y0:y1, x0:x1, :]
+    if isinstance(colour, str):
+        rgb = np.asarray(COLOURS[colour], dtype=np.float64)
+        shade = fill_mask(shape, px)[window]
+        region[..., m & ~shade, :] = rgb.astype(np.uint8)
+        region[..., m & shade, :] = np.round(rgb * FILL_SHADE).astype(np.uint8)
+    else:
+        region[..., m, :] = colour
 
 
 @dataclass(frozen=True)
