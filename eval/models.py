@@ -1,10 +1,10 @@
 """The small default models: word-level tokenizer, architectures, input preprocessing, loading.
 
 - Image model: `LlavaForConditionalGeneration`, a CLIP vision tower (with CLS, so HiRED and MustDrop apply) at
-  112 px / patch 14 (8x8 = 64 visual tokens) and a Llama decoder.
-- Video model: `LlavaOnevisionForConditionalGeneration`, a SigLIP tower at 112 px / patch 14 (8x8 per frame,
-  pooled 2x2 by the model to 4x4 = 16 tokens per frame, one newline token after the last frame) and a Qwen2
-  decoder; 8 frames sampled uniformly (lmms-eval's rule).
+  168 px / patch 14 (12x12 = 144 visual tokens) and a Llama decoder.
+- Video model: `LlavaOnevisionForConditionalGeneration`, a SigLIP tower at 168 px / patch 14 (12x12 per frame,
+  pooled 2x2 by the model to 6x6 = 36 tokens per frame, one newline token after the last frame) and a Qwen2
+  decoder; 8 frames sampled uniformly (lmms-eval's rule): 289 visual tokens.
 
 The tokenizer is word-level over the closed vocabulary of the synthetic benchmark's questions, options and the
 protocol templates (`protocols`): a word keeps its leading space (" red" and "red" are two tokens) and the
@@ -29,7 +29,7 @@ from . import protocols
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "<video>"]
 #: a word with its leading space, one punctuation mark (with its leading space) or a newline
 WORD_REGEX = r" ?[A-Za-z0-9_']+| ?[^A-Za-z0-9_'\s]|\n"
-IMAGE_SIZE = 112
+IMAGE_SIZE = 168
 PATCH_SIZE = 14
 NUM_FRAMES = 8
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -179,14 +179,14 @@ def resize(images: np.ndarray, size: int) -> np.ndarray:
     return out.reshape(*images.shape[:-3], size, size, 3)
 
 
-def image_pixel_values(images: np.ndarray) -> Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, 112, 112) CLIP-normalised pixel values."""
-    return normalise(resize(images, IMAGE_SIZE), CLIP_MEAN, CLIP_STD)
+def image_pixel_values(images: np.ndarray, size: int = IMAGE_SIZE) -> Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, size, size) CLIP-normalised pixel values (default 168)."""
+    return normalise(resize(images, size), CLIP_MEAN, CLIP_STD)
 
 
-def video_pixel_values(videos: np.ndarray) -> Tensor:
-    """(B, T, H, W, 3) uint8 -> (B, T, 3, 112, 112) SigLIP-normalised pixel values."""
-    return normalise(resize(videos, IMAGE_SIZE), SIGLIP_MEAN, SIGLIP_STD)
+def video_pixel_values(videos: np.ndarray, size: int = IMAGE_SIZE) -> Tensor:
+    """(B, T, H, W, 3) uint8 -> (B, T, 3, size, size) SigLIP-normalised pixel values (default 168)."""
+    return normalise(resize(videos, size), SIGLIP_MEAN, SIGLIP_STD)
 
 
 def visual_token_count(model, num_frames: int = NUM_FRAMES) -> int:
@@ -199,15 +199,16 @@ def visual_token_count(model, num_frames: int = NUM_FRAMES) -> int:
     return side * side
 
 
-def encode(tokenizer, model, prompts: Sequence[str], visuals: np.ndarray, targets: Sequence[str] | None = None
-           ) -> dict[str, Tensor]:
+def encode(tokenizer, model, prompts: Sequence[str], visuals: np.ndarray, targets: Sequence[str] | None = None,
+           n_visual: int | None = None) -> dict[str, Tensor]:
     """Model inputs for prompts with one placeholder each and their images (B, H, W, 3) or videos (B, T, H, W, 3).
 
     With `targets`, each target (+ eos) is appended and `labels` marks only the target positions (-100
     elsewhere); sequences are right-padded then. Without, the batch is left-padded for generation.
+    `n_visual` overrides how many placeholders the visual expands to (training feeds reduced visual tokens).
     """
     video = model.config.model_type == "llava_onevision"
-    n = visual_token_count(model, visuals.shape[1] if video else NUM_FRAMES)
+    n = n_visual if n_visual is not None else visual_token_count(model, visuals.shape[1] if video else NUM_FRAMES)
     token = "<video>" if video else "<image>"
     ids, labels = [], []
     for i, p in enumerate(prompts):
@@ -228,9 +229,9 @@ def encode(tokenizer, model, prompts: Sequence[str], visuals: np.ndarray, target
         lab[i, sl] = torch.tensor(y)
     out = {"input_ids": input_ids, "attention_mask": mask}
     if video:
-        out["pixel_values_videos"] = video_pixel_values(visuals)
+        out["pixel_values_videos"] = video_pixel_values(visuals, model.config.vision_config.image_size)
     else:
-        out["pixel_values"] = image_pixel_values(visuals)
+        out["pixel_values"] = image_pixel_values(visuals, model.config.vision_config.image_size)
     if targets is not None:
         out["labels"] = lab
     return out
@@ -258,7 +259,7 @@ def default_model(kind: str = "image"):
 
 
 def build_image_processor(tokenizer):
-    """A `LlavaProcessor` for the image model (PIL CLIP image processor, 112 px; `<image>` -> 64 placeholders);
+    """A `LlavaProcessor` for the image model (PIL CLIP image processor, 168 px; `<image>` -> 144 placeholders);
     saved beside the image model so `AutoProcessor.from_pretrained` works too. Gives the same inputs as
     `encode`."""
     from transformers import LlavaProcessor

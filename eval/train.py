@@ -49,10 +49,10 @@ Progress: one line every `--log-every` steps; validation accuracy per task every
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import math
 import os
-import pickle
 import re
 import shutil
 import sys
@@ -66,10 +66,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import augment as A
 from . import models as M
 from . import protocols as P
 from . import synthetic as syn
-from .synthetic.scene import COLOURS, SHAPES, Geometry, position_phrase, shape_mask
+from .synthetic.scene import COLOURS, SHAPES, Geometry, all_names, position_phrase, shape_mask
 
 COLOUR_NAMES = list(COLOURS)
 N_COLOUR, N_SHAPE = len(COLOURS) + 1, len(SHAPES) + 1  # + "nothing"
@@ -79,13 +80,14 @@ EASY_IMAGE_TASKS = ("colour_at", "shape_at")
 # --- per-token labels ------------------------------------------------------------------------------------------
 
 
-def id_map(placements: list[tuple[float, float, str, str]], geometry: Geometry) -> tuple[np.ndarray, list]:
+def id_map(placements: list[tuple[float, float, str, str, int, int]], geometry: Geometry) -> tuple[np.ndarray, list]:
     """Which object covers each pixel: (H, W) int (0 = background, k = placements[k-1]), painted in order like
-    the renderer. `placements` are (row, col, colour, shape) with fractional cells allowed."""
+    the renderer. `placements` are (row, col, colour, shape, dy, dx) with fractional cells allowed and the
+    object's pixel offset."""
     out = np.zeros((geometry.size, geometry.size), dtype=np.int16)
     px = geometry.object_px
-    for k, (row, col, _, shape) in enumerate(placements, start=1):
-        y, x = geometry.top_left(row, col)
+    for k, (row, col, _, shape, dy, dx) in enumerate(placements, start=1):
+        y, x = geometry.top_left(row, col, dy, dx)
         mask = shape_mask(shape, px)
         y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + px, geometry.size), min(x + px, geometry.size)
         if y0 < y1 and x0 < x1:
@@ -104,7 +106,7 @@ def token_labels(ids: np.ndarray, placements: list, geometry: Geometry, side: in
         counts[0] = 0
         k = int(counts.argmax())
         if counts[k] >= min_pixels:
-            _, _, colour, shape = placements[k - 1]
+            colour, shape = placements[k - 1][2:4]
             out[t, 0] = COLOUR_NAMES.index(colour) + 1
             out[t, 1] = SHAPES.index(shape) + 1
         r, c = divmod(t, side)
@@ -115,7 +117,7 @@ def token_labels(ids: np.ndarray, placements: list, geometry: Geometry, side: in
 
 def image_token_labels(sample: syn.ImageSample, side: int) -> np.ndarray:
     geometry = Geometry(sample.image.shape[0], syn.ImageConfig().grid)
-    placements = [(o.row, o.col, o.colour, o.shape) for o in sample.objects]
+    placements = [(o.row, o.col, o.colour, o.shape, o.dy, o.dx) for o in sample.objects]
     ids, _ = id_map(placements, geometry)
     return token_labels(ids, placements, geometry, side, min_pixels=(geometry.size // side) ** 2 // 8)
 
@@ -130,7 +132,7 @@ def video_token_labels(sample: syn.VideoSample, frames: np.ndarray, side: int) -
                 if a.start <= t < a.stop:
                     f = (t - a.start) / max(a.stop - a.start - 1, 1) if a.moving else 0.0
                     placements.append((a.row + f * (a.row_end - a.row), a.col + f * (a.col_end - a.col), sp.colour,
-                                       sp.shape))
+                                       sp.shape, sp.dy, sp.dx))
         ids, _ = id_map(placements, sample.geometry)
         out.append(token_labels(ids, placements, sample.geometry, side, min_pixels=(sample.geometry.size // side) ** 2
                                 // 8))
@@ -140,28 +142,44 @@ def video_token_labels(sample: syn.VideoSample, frames: np.ndarray, side: int) -
 # --- batches ----------------------------------------------------------------------------------------------------
 
 
+def grid_side(model) -> int:
+    """Side of the token grid the LLM receives per image or frame (12 at 168 px / patch 14; the video model pools
+    it 2x2 to 6)."""
+    vc = model.config.vision_config
+    side = vc.image_size // vc.patch_size
+    return -(-side // 2) if model.config.model_type == "llava_onevision" else side
+
+
 class Batches:
-    """Deterministic training batches: item `i` of the train split, protocol drawn from a seeded stream."""
+    """Deterministic training batches: item `i` of the train split; each batch's prompt protocol is drawn from a
+    seeded stream (one per batch, so the batch's prompts have similar lengths and little padding)."""
 
     def __init__(self, kind: str, seed: int, batch: int, tasks: tuple[str, ...], open_frac: float = 0.0) -> None:
         self.kind, self.seed, self.batch, self.tasks, self.open_frac = kind, seed, batch, tasks, open_frac
         self.protocols = M_PROTOCOLS[kind]
 
-    def make(self, step: int, tasks: tuple[str, ...], tokenizer, model) -> dict[str, torch.Tensor]:
+    def make(self, step: int, tasks: tuple[str, ...], tokenizer, model, reduction: A.Reduction | None = None
+             ) -> dict[str, torch.Tensor]:
+        """The batch of `step`: model inputs, `labels`, per-token labels of the full grid, the answer-step
+        targets, `relevant` (B, K) over the tokens the LLM receives, `objects` (B, 30) the names in the scene, and
+        with a `reduction`, `reduce` (B, K, N): the averaging matrix that shortens the N visual tokens to K."""
         start = step * self.batch
         rng = np.random.default_rng([self.seed, step])
+        side = grid_side(model)
         if self.kind == "image":
             samples = syn.generate_images(self.batch, seed=self.seed, split="train", start=start, tasks=tasks)
             visuals = np.stack([s.image for s in samples])
-            labels = np.stack([image_token_labels(s, 8) for s in samples])
+            labels = np.stack([image_token_labels(s, side) for s in samples])
+            frames = 1
         else:
             samples = syn.generate_videos(self.batch, seed=self.seed, split="train", start=start, tasks=tasks)
             idx = [np.linspace(0, s.n_frames - 1, M.NUM_FRAMES, dtype=np.int64) for s in samples]
             visuals = np.stack([s.frames[i] for s, i in zip(samples, idx)])
-            labels = np.stack([video_token_labels(s, i, 4) for s, i in zip(samples, idx)])
+            labels = np.stack([video_token_labels(s, i, side) for s, i in zip(samples, idx)])
+            frames = M.NUM_FRAMES
         prompts, targets = [], []
+        protocol = self.protocols[int(rng.integers(len(self.protocols)))]  # one per batch: less padding
         for s in samples:
-            protocol = self.protocols[int(rng.integers(len(self.protocols)))]
             q = s.question
             if rng.random() < self.open_frac:  # auxiliary: the answer in words, no options
                 prompts.append(P.open_prompt(q.question, self.kind))
@@ -169,12 +187,32 @@ class Batches:
                 continue
             prompts.append(P.build_prompt(protocol, q.question, q.options, self.kind))
             targets.append(P.target(protocol, q.letter))
-        inputs = M.encode(tokenizer, model, prompts, visuals, targets)
+        flat = labels.reshape(len(samples), -1, 4)
+        relevant = torch.from_numpy(np.stack([relevant_tokens(s, f) for s, f in zip(samples, flat)]))
+        n_visual = None
+        extra = 1 if self.kind == "video" else 0  # LLaVA-OneVision's newline after the frames
+        if reduction is not None:
+            a = A.matrix(reduction, len(samples), frames, side, np.random.default_rng([self.seed, step, 17]))
+            relevant = A.reduce_mask(a, relevant)
+            n_visual = a.shape[1] + extra
+        inputs = M.encode(tokenizer, model, prompts, visuals, targets, n_visual=n_visual)
         inputs["token_labels"] = torch.from_numpy(labels)
         inputs.update(step_targets(tokenizer, inputs["input_ids"], samples))
-        flat = labels.reshape(len(samples), -1, 4)
-        inputs["relevant"] = torch.from_numpy(np.stack([relevant_tokens(s, f) for s, f in zip(samples, flat)]))
+        inputs["relevant"] = relevant
+        inputs["objects"] = torch.from_numpy(np.stack([scene_names(s) for s in samples]))
+        if reduction is not None:
+            inputs["reduce"] = a
         return inputs
+
+
+def scene_names(sample) -> np.ndarray:
+    """(30,) float: 1 for each "colour shape" name shown in the image or video (the CLS head's target)."""
+    names = all_names()
+    out = np.zeros(len(names), dtype=np.float32)
+    things = sample.objects if hasattr(sample, "objects") else sample.sprites
+    for o in things:
+        out[names.index(o.name)] = 1.0
+    return out
 
 
 M_PROTOCOLS = {"image": P.IMAGE_PROTOCOLS, "video": P.VIDEO_PROTOCOLS}
@@ -222,7 +260,7 @@ def attention_loss(attentions: torch.Tensor, input_ids: torch.Tensor, visual_id:
         return attentions.new_zeros(())
     pos = (input_ids == visual_id).nonzero()[:, 1].view(b, -1)[:, : relevant.shape[1]]  # (B, N)
     rows = torch.arange(b)
-    a = attentions[rows, :, q_pos.clamp(min=0)]  # (B, H, L)
+    a = attentions[rows, :, q_pos.clamp(min=0)].float()  # (B, H, L): only these rows in float32
     mass = (a.gather(2, pos[:, None].expand(-1, a.shape[1], -1)) * relevant[:, None]).sum(-1).mean(1)  # (B,)
     return -torch.log(mass[ok] + 1e-6).mean()
 
@@ -278,7 +316,7 @@ def route_loss(attentions: tuple[torch.Tensor, ...], t: dict[str, torch.Tensor],
     r4 = rows[:, None].expand_as(op)
 
     def mass(layer: int, r, q, k) -> torch.Tensor:
-        return -torch.log(attentions[layer][r, :, q, k].mean(-1) + 1e-6).mean()
+        return -torch.log(attentions[layer][r, :, q, k].float().mean(-1) + 1e-6).mean()
 
     correct = t["opt_target"][has].argmax(dim=1)
     q = t["q_pos"][has][:, None].expand_as(op)
@@ -330,14 +368,22 @@ class TokenProbe(nn.Module):
 
 
 class Teacher(nn.Module):
-    """Symbolic visual tokens from per-token labels (training only): a token showing a red circle is the sum of
-    the LLM's word embeddings of " red" and " circle"; a background token is one learned vector."""
+    """Symbolic visual tokens from per-token labels (training only): a token showing a red circle in the top-left
+    cell is the sum of the LLM's word embeddings of " red", " circle", " top" and " left" (row words top / middle /
+    bottom, column words left / middle / right); a background token is one learned vector plus its cell's words.
+    The cell is part of the token, as the vision tower's position embeddings make it part of a real token, so a
+    token says where it is wherever it sits in the sequence."""
+
+    ROWS = (" top", " middle", " bottom")
+    COLS = (" left", " middle", " right")
 
     def __init__(self, tokenizer, dim: int) -> None:
         super().__init__()
         ids = tokenizer.convert_tokens_to_ids
         self.register_buffer("colour_ids", torch.tensor([ids(" " + c) for c in COLOUR_NAMES]), persistent=False)
         self.register_buffer("shape_ids", torch.tensor([ids(" " + s) for s in SHAPES]), persistent=False)
+        self.register_buffer("row_ids", torch.tensor([ids(w) for w in self.ROWS]), persistent=False)
+        self.register_buffer("col_ids", torch.tensor([ids(w) for w in self.COLS]), persistent=False)
         self.background = nn.Parameter(torch.zeros(dim))
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -346,7 +392,8 @@ class Teacher(nn.Module):
         obj = colour > 0
         tok = embeddings[self.colour_ids[(colour - 1).clamp(min=0)]] + embeddings[self.shape_ids[(shape - 1).clamp(
             min=0)]]
-        return torch.where(obj[..., None], tok, self.background.to(tok.dtype).expand_as(tok))
+        where = embeddings[self.row_ids[labels[..., 2]]] + embeddings[self.col_ids[labels[..., 3]]]
+        return torch.where(obj[..., None], tok, self.background.to(tok.dtype).expand_as(tok)) + where
 
 
 def teacher_share(step: int, frac: float, steps: int) -> float:
@@ -354,27 +401,46 @@ def teacher_share(step: int, frac: float, steps: int) -> float:
     return 0.0 if steps <= 0 else frac * max(0.0, 1.0 - step / steps)
 
 
-class VisualCapture:
-    """Keeps the visual tokens the LLM receives (after the projector; pooled for LLaVA-OneVision) in `out`.
+class ClsHead(nn.Module):
+    """A training-only head on the vision tower's pooled CLS token: which "colour shape" names the scene shows
+    (multi-label). Real CLIP towers learn a CLS that summarises the salient objects from image-text pre-training;
+    this gives the small tower's CLS the same job, so its attention (what HiRED and MustDrop read) falls on the
+    objects rather than anywhere."""
 
-    With `substitute = (mask (B,) bool, tokens (B, N, D))` set (image model only), the rows of `mask` are replaced
-    by `tokens` on their way to the LLM; `out` keeps the projector's own output."""
+    def __init__(self, dim: int, n_names: int) -> None:
+        super().__init__()
+        self.head = nn.Linear(dim, n_names)
 
-    def __init__(self, model) -> None:
-        self.model, self.out, self.substitute = model, None, None
-        self.handle = model.model.multi_modal_projector.register_forward_hook(self._hook)
+    def loss(self, cls: torch.Tensor, names: torch.Tensor) -> torch.Tensor:
+        """cls (B, Dv) pooled CLS and names (B, n_names) 0/1 targets -> mean binary cross-entropy."""
+        return F.binary_cross_entropy_with_logits(self.head(cls).float(), names)
 
-    def _hook(self, module, args, output):
-        if self.model.config.model_type == "llava_onevision":
-            if self.substitute is not None:
-                raise ValueError("the teacher's token substitution is for the image model only")
-            self.out = self.model.model.apply_pooling(output)
-            return None
-        self.out = output
-        if self.substitute is None:
-            return None
-        mask, tokens = self.substitute
-        return torch.where(mask[:, None, None], tokens.to(output.dtype), output)
+
+def visual_tokens(model, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                    torch.Tensor | None]:
+    """The visual tokens the stock forward would place in the LLM, split for reduction: the grid tokens (B, N, D)
+    (N = 144 per image; 8 frames x 36 for video, pooled as the model pools them), the tokens after them that no
+    reduction touches ((B, 1, D): LLaVA-OneVision's newline; None for LLaVA) and the vision tower's pooled CLS
+    ((B, Dv); None for SigLIP, which has no CLS)."""
+    inner = model.model
+    if model.config.model_type == "llava_onevision":
+        pv = inputs["pixel_values_videos"]
+        b, t = pv.shape[:2]
+        out = inner.vision_tower(pv.flatten(0, 1), output_hidden_states=True)
+        feats = inner.apply_pooling(inner.multi_modal_projector(out.hidden_states[model.config.vision_feature_layer]))
+        newline = inner.image_newline[None, None, :].expand(b, 1, -1)
+        return feats.reshape(b, t * feats.shape[1], -1), newline, None
+    out = inner.vision_tower(inputs["pixel_values"], output_hidden_states=True)
+    hidden = out.hidden_states[model.config.vision_feature_layer]
+    return inner.multi_modal_projector(hidden[:, 1:]), None, out.pooler_output
+
+
+def embed(model, input_ids: torch.Tensor, visual: torch.Tensor, visual_id: int) -> torch.Tensor:
+    """(B, L, D) input embeddings: the text's, with the placeholders (`visual_id`) replaced in order by `visual`
+    (B, K, D), exactly as the stock forward scatters its features."""
+    embeds = model.get_input_embeddings()(input_ids)
+    mask = (input_ids == visual_id)[..., None].expand_as(embeds)
+    return embeds.masked_scatter(mask, visual.to(embeds.dtype))
 
 
 # --- validation --------------------------------------------------------------------------------------------------
@@ -386,14 +452,24 @@ def validation_set(kind: str, n: int, seed: int = 0):
     return syn.generate_videos(n, seed=seed, split="validation")
 
 
+#: generic reductions validation also scores (on the MLVU protocol): a random half, and pooling to about 11%
+VAL_REDUCTIONS: dict[str, A.Reduction] = {"drop50": A.Reduction("drop", 0.5), "pool11": A.Reduction("pool", 0.111)}
+
+
 @torch.no_grad()
-def validate(model, tokenizer, kind: str, samples, batch: int = 32, device: str = "cpu") -> dict[str, float]:
-    """Accuracy of the first answer token (the letter) under every protocol, per task and overall (greedy =
-    argmax over the whole vocabulary)."""
+def validate(model, tokenizer, kind: str, samples, batch: int = 32, device: str = "cpu",
+             reductions: dict[str, A.Reduction] | None = None) -> dict[str, float]:
+    """Accuracy of the first answer token (the letter) under every protocol, per task and overall ("all", greedy =
+    argmax over the whole vocabulary); then, on the first protocol, under each generic reduction of
+    `reductions` (default `VAL_REDUCTIONS`, tokens packed at consecutive positions); "score", the model-selection
+    metric, is the mean of "all" and the reduced accuracies."""
     model.eval()
+    reductions = VAL_REDUCTIONS if reductions is None else reductions
     hits: dict[str, list[int]] = defaultdict(list)
-    letter_ids = {}
-    for protocol in M_PROTOCOLS[kind]:
+    side, frames = grid_side(model), (1 if kind == "image" else M.NUM_FRAMES)
+    visual_id = tokenizer.convert_tokens_to_ids("<image>" if kind == "image" else "<video>")
+    runs = [(p, None, "") for p in M_PROTOCOLS[kind]] + [(M_PROTOCOLS[kind][0], r, n) for n, r in reductions.items()]
+    for protocol, reduction, name in runs:
         for b in range(0, len(samples), batch):
             chunk = samples[b:b + batch]
             if kind == "image":
@@ -403,23 +479,54 @@ def validate(model, tokenizer, kind: str, samples, batch: int = 32, device: str 
                                     for s in chunk])
             prompts = [P.build_prompt(protocol, s.question.question, s.question.options, kind) for s in chunk]
             targets = [P.target(protocol, s.question.letter) for s in chunk]
-            inputs = {k: v.to(device) for k, v in M.encode(tokenizer, model, prompts, visuals, targets).items()}
+            a = None
+            if reduction is not None:
+                a = A.matrix(reduction, len(chunk), frames, side, np.random.default_rng([b, 23]))
+            n_visual = None if a is None else a.shape[1] + (kind == "video")
+            inputs = {k: v.to(device) for k, v in M.encode(tokenizer, model, prompts, visuals, targets,
+                                                            n_visual=n_visual).items()}
             labels = inputs.pop("labels")
-            logits = model(**inputs).logits
+            if a is None:
+                logits = model(**inputs).logits
+            else:
+                feats, extra, _ = visual_tokens(model, inputs)
+                vis = A.apply(a.to(device), feats)
+                vis = vis if extra is None else torch.cat([vis, extra.to(vis.dtype)], dim=1)
+                logits = model(inputs_embeds=embed(model, inputs["input_ids"], vis, visual_id),
+                               attention_mask=inputs["attention_mask"]).logits
             first = (labels != -100).float().argmax(dim=1)  # first target position
             rows = torch.arange(len(chunk))
             pred = logits[rows, first - 1].argmax(-1)
             for s, p_, y in zip(chunk, pred.tolist(), labels[rows, first].tolist()):
-                letter_ids[y] = True
-                hits[s.task].append(int(p_ == y))
-                hits[f"@{protocol}"].append(int(p_ == y))
+                if reduction is None:
+                    hits[s.task].append(int(p_ == y))
+                    hits[f"@{protocol}"].append(int(p_ == y))
+                else:
+                    hits[f"~{name}"].append(int(p_ == y))
     model.train()
     out = {k: float(np.mean(v)) for k, v in sorted(hits.items())}
-    out["all"] = float(np.mean([np.mean(v) for k, v in hits.items() if not k.startswith("@")]))
+    out["all"] = float(np.mean([np.mean(v) for k, v in hits.items() if not k.startswith(("@", "~"))]))
+    out["score"] = float(np.mean([out["all"], *(out[f"~{n}"] for n in reductions)]))
     return out
 
 
 # --- checkpoints -------------------------------------------------------------------------------------------------
+
+
+def load_state(path: Path, device: str | torch.device = "cpu") -> dict:
+    """The training state `main` checkpoints (`OUT/state.pt`), loaded without running code: `torch.load` with
+    `weights_only=True` accepts tensors and plain containers only, so a planted or corrupted state file is refused
+    with a one-line error instead of being unpickled (which can execute anything)."""
+    try:
+        state = torch.load(path, weights_only=True, map_location=device)
+    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError or EOFError here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SystemExit(f"train: error: {path} is not a training state this script wrote (refused to load it: "
+                         f"{first}); move it away to start afresh") from None
+    if not isinstance(state, dict) or "model" not in state or "step" not in state:
+        raise SystemExit(f"train: error: {path} is not a training state this script wrote (no model and step); "
+                         f"move it away to start afresh")
+    return state
 
 
 def save_atomic(obj, path: Path) -> None:
@@ -442,18 +549,53 @@ def save_pretrained_atomic(model, tokenizer, path: Path, card: dict) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+# --- memory ------------------------------------------------------------------------------------------------------
+
+
+def _libc_trim():
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim with
+        return None
+
+
+_MALLOC_TRIM = _libc_trim()
+
+
+def trim_heap() -> bool:
+    """Hand the heap memory freed by a step back to the OS (glibc's `malloc_trim(0)`); False where libc has none.
+
+    Steps differ in shape (prompt lengths, the token counts of reduced batches), and glibc keeps the blocks one
+    step freed mapped for later, scattered over an ever larger address range that later steps touch again: on the
+    video recipe a run's resident memory grew to 10 GB in three hours while its live tensors needed 2.5 GB (one
+    `malloc_trim` from outside brought it back to 2.5 GB; on a 24 GB machine shared by several people that growth
+    is what runs out first). Trimming after each step bounds a run to its working set."""
+    if _MALLOC_TRIM is None:
+        return False
+    _MALLOC_TRIM(0)
+    return True
+
+
+def rss_gib() -> float:
+    """This process's resident memory in GiB (Linux `/proc/self/statm`; NaN elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (OSError, ValueError, IndexError):
+        return float("nan")
+
+
 # --- main ------------------------------------------------------------------------------------------------------
 
 
 #: the shipped models' recipes: fixed flags, so one command reproduces them (explicit flags override)
 RECIPES: dict[str, dict] = {
-    # the shipped image model, within an hour on 2 cores: batch 32, one cosine; the run's best validation was its
-    # step 4400, so the recipe ends there (38.8 min on a 2-core Xeon, about 59 on the 2-core EPYC; see the card)
-    "image": dict(model="image", seed=0, steps=4600, stop_at=4400, batch=32, lr=1e-3, warmup=200, easy_steps=400,
-                  attn_weight=1.0, route_weight=0.3, teacher_frac=0.5, teacher_steps=3000, teacher_weight=1.0,
-                  val_size=512, val_every=100),
-    "video": dict(model="video", seed=0, steps=2000, stop_at=1750, batch=32, lr=1.5e-3, warmup=150,
-                  attn_weight=1.0, route_weight=0.3),
+    "image": dict(model="image", seed=0, steps=2500, batch=32, lr=1e-3, warmup=150, easy_steps=300,
+                  attn_weight=1.0, route_weight=0.3, teacher_frac=0.5, teacher_steps=1600, teacher_weight=1.0,
+                  reduce_frac=0.5, cls_weight=0.5, val_size=256, val_every=200),
+    "video": dict(model="video", seed=0, steps=1800, batch=32, lr=1.5e-3, warmup=150,
+                  attn_weight=1.0, route_weight=0.3, teacher_frac=0.5, teacher_steps=1200, teacher_weight=1.0,
+                  reduce_frac=0.5, val_every=200),
 }
 
 
@@ -552,19 +694,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--task-weights", nargs="+", default=[], metavar="TASK=N",
                    help="training mix: task TASK gets N shares of the samples (a positive integer; others get 1); "
                         "validation stays uniform over tasks")
+    p.add_argument("--reduce-frac", type=float, default=0.0,
+                   help="reduction-aware training: share of batches whose visual tokens are randomly dropped, pooled "
+                        "or merged (`augment`), the rest packed at consecutive positions")
+    p.add_argument("--reduce-start", type=int, default=0, help="the step from which reductions are drawn")
+    p.add_argument("--reduce-keep", type=float, nargs=2, default=(0.08, 0.8), metavar=("LO", "HI"),
+                   help="keep ratios are drawn log-uniformly in [LO, HI] (default 0.08 0.8)")
+    p.add_argument("--reduce-methods", nargs="+", choices=A.METHODS, default=None,
+                   help="default: drop pool merge (image), drop pool merge time (video)")
+    p.add_argument("--cls-weight", type=float, default=0.0,
+                   help="image model: weight of the CLS head (`ClsHead`: which objects the scene shows)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--log-every", type=int, default=25)
     p.add_argument("--val-every", type=int, default=250)
     p.add_argument("--val-size", type=int, default=None, help="validation items (default 256 image, 120 video)")
     p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--trim-every", type=int, default=1,
+                   help="return freed heap memory to the OS every N steps (`trim_heap`; 0: never)")
     first, _ = p.parse_known_args(argv)
     if first.recipe:
         p.set_defaults(**RECIPES[first.recipe])
     args = p.parse_args(argv)
     if args.model is None:
         p.error("--model is required (or give --recipe)")
-    if args.teacher_frac > 0 and args.model != "image":
-        p.error("--teacher-frac is for the image model only (its projector output is what the teacher replaces)")
     if not 0.0 <= args.teacher_frac <= 1.0:
         p.error(f"--teacher-frac must be in [0, 1], got {args.teacher_frac}")
     if args.restart_steps and args.steps is None:
@@ -580,6 +732,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         length = args.steps + sum(args.restart_steps)
         if not 0 < args.stop_at <= length:
             p.error(f"--stop-at must be in 1..{length} (the schedule's length), got {args.stop_at}")
+    if not 0.0 <= args.reduce_frac <= 1.0:
+        p.error(f"--reduce-frac must be in [0, 1], got {args.reduce_frac}")
+    lo, hi = args.reduce_keep
+    if not 0.0 < lo <= hi <= 1.0:
+        p.error(f"--reduce-keep needs 0 < LO <= HI <= 1, got {lo} {hi}")
+    args.reduce_keep = (lo, hi)
+    if args.reduce_methods is None:
+        args.reduce_methods = ("drop", "pool", "merge") + (("time",) if args.model == "video" else ())
+    args.reduce_methods = tuple(args.reduce_methods)
     try:
         args.tasks = task_mix(syn.IMAGE_TASKS if args.model == "image" else syn.VIDEO_TASKS, args.task_weights)
     except ValueError as e:
@@ -609,12 +770,13 @@ def main(argv: list[str] | None = None) -> int:
     n_layers = model.config.text_config.num_hidden_layers
     steps_heads = StepHeads(dim, len(tokenizer), q_layer=n_layers // 2, opt_layer=n_layers - 2)
     teacher = Teacher(tokenizer, dim)
-    for m in (model, probe, steps_heads, teacher):
+    cls_head = ClsHead(model.config.vision_config.hidden_size, len(all_names()))
+    heads = {"probe": probe, "steps_heads": steps_heads, "teacher": teacher, "cls_head": cls_head}
+    for m in (model, *heads.values()):
         m.to(device)
-    opt = torch.optim.AdamW(param_groups(model, (probe, steps_heads, teacher), args.weight_decay, args.vision_lr_scale),
+    opt = torch.optim.AdamW(param_groups(model, tuple(heads.values()), args.weight_decay, args.vision_lr_scale),
                             lr=args.lr, betas=(0.9, 0.98))
     params = [p for g in opt.param_groups for p in g["params"]]  # for gradient clipping
-    capture = VisualCapture(model)
     visual_id = tokenizer.convert_tokens_to_ids("<image>" if kind == "image" else "<video>")
     if args.attn_weight > 0 or args.route_weight > 0:  # attention probabilities needed; export reloads with sdpa
         model.set_attn_implementation("eager")
@@ -625,12 +787,8 @@ def main(argv: list[str] | None = None) -> int:
     step, best, elapsed, history = 0, -1.0, 0.0, []
     total = None if args.steps is None else args.steps + sum(args.restart_steps)
     if state_path.exists():
-        try:  # tensors and plain Python values only: a planted state file cannot run code (issue 22 #14)
-            st = torch.load(state_path, weights_only=True, map_location=device)
-        except pickle.UnpicklingError as e:
-            raise SystemExit(f"train: refusing {state_path}: it holds more than tensors and plain values, so it was "
-                             f"not written by this script ({str(e).splitlines()[0]})") from None
-        for name, m in (("model", model), ("probe", probe), ("steps_heads", steps_heads), ("teacher", teacher)):
+        st = load_state(state_path, device)
+        for name, m in (("model", model), *heads.items()):
             m.load_state_dict(st[name])
         opt.load_state_dict(st["opt"])
         step, best, elapsed, history = st["step"], st["best"], st["elapsed"], st["history"]
@@ -652,9 +810,9 @@ def main(argv: list[str] | None = None) -> int:
         return learning_rate(s, args.lr, args.warmup, main_end, args.restarts)
 
     def checkpoint() -> None:
-        save_atomic({"model": model.state_dict(), "probe": probe.state_dict(), "steps_heads": steps_heads.state_dict(),
-                     "teacher": teacher.state_dict(), "opt": opt.state_dict(), "step": step, "total": total,
-                     "best": best, "elapsed": elapsed, "history": history, "args": vars(args)}, state_path)
+        save_atomic({"model": model.state_dict(), **{k: m.state_dict() for k, m in heads.items()},
+                     "opt": opt.state_dict(), "step": step, "total": total, "best": best, "elapsed": elapsed,
+                     "history": history, "args": {k: v for k, v in vars(args).items()}}, state_path)
 
     def evaluate_now() -> None:
         nonlocal best
@@ -663,8 +821,8 @@ def main(argv: list[str] | None = None) -> int:
         history.append({"step": step, "minutes": round(elapsed / 60, 2), **{k: float(v) for k, v in acc.items()}})
         line = " ".join(f"{k}={v:.3f}" for k, v in acc.items())
         print(f"[val] step {step} {line} ({time.perf_counter() - t:.0f}s)", flush=True)
-        if acc["all"] > best:
-            best = acc["all"]
+        if acc["score"] > best:
+            best = acc["score"]
             card = {"command": command, "step": step, "minutes": round(elapsed / 60, 2), "validation": acc,
                     "batch": batch, "parameters": n_params, "seed": args.seed, "device": args.device,
                     "precision": args.precision, "threads": args.threads,
@@ -682,34 +840,48 @@ def main(argv: list[str] | None = None) -> int:
 
     while total is None or step < end():
         tasks = EASY_IMAGE_TASKS if (kind == "image" and step < easy) else data.tasks
-        inputs = {k: v.to(device) for k, v in data.make(step, tasks, tokenizer, model).items()}
+        frac = args.reduce_frac if step >= args.reduce_start else 0.0
+        reduction = A.draw(np.random.default_rng([args.seed, 31, step]), frac, args.reduce_methods, args.reduce_keep)
+        inputs = {k: v.to(device) for k, v in data.make(step, tasks, tokenizer, model, reduction).items()}
         labels = inputs.pop("labels")
         tok_labels = inputs.pop("token_labels")
         targets = {k: inputs.pop(k) for k in ("q_pos", "q_target", "opt_pos", "opt_target", "letter_pos")}
-        relevant = inputs.pop("relevant")
+        relevant, names, a = inputs.pop("relevant"), inputs.pop("objects"), inputs.pop("reduce", None)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, total or 10**9) * g.get("lr_scale", 1.0)
         share = teacher_share(step, args.teacher_frac, args.teacher_steps)
         with torch.autocast(**autocast):
+            projected, extra, cls = visual_tokens(model, inputs)  # (B, N, D): what the probe and teacher see
+            vis = projected
             symbolic = None
             if args.teacher_frac > 0:
-                symbolic = teacher(model.get_input_embeddings().weight, tok_labels)  # (B, N, D)
+                symbolic = teacher(model.get_input_embeddings().weight,
+                                   tok_labels.flatten(1, -2))  # (B, N, D): frames in sequence order
                 gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
                 mask = torch.rand(labels.shape[0], generator=gen) < share  # drawn on the host: no device sync
-                capture.substitute = (mask.to(device), symbolic) if mask.any() else None
-            outputs = model(**inputs, output_hidden_states=True,
+                if mask.any():
+                    vis = torch.where(mask.to(device)[:, None, None], symbolic.to(vis.dtype), vis)
+            if a is not None:
+                vis = A.apply(a, vis)
+            if extra is not None:
+                vis = torch.cat([vis, extra.to(vis.dtype)], dim=1)
+            outputs = model(inputs_embeds=embed(model, inputs["input_ids"], vis, visual_id),
+                            attention_mask=inputs["attention_mask"], output_hidden_states=True,
                             output_attentions=args.attn_weight + args.route_weight > 0)
-            capture.substitute = None
         logits = outputs.logits.float()
         tokens = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         first = (labels != -100).float().argmax(dim=1)  # the letter (or the first word of an open answer)
         rows = torch.arange(labels.shape[0], device=device)
         answer = F.cross_entropy(logits[rows, first - 1], labels[rows, first]) + 0.3 * tokens
-        feats = capture.out.float()
+        feats = projected.float()
         with torch.autocast(**autocast):
             probe_loss = probe.loss(feats.flatten(0, -2), tok_labels.reshape(-1, 4)).float()
             step_loss = steps_heads.loss(outputs.hidden_states, targets).float()
         loss = answer + args.probe_weight * probe_loss + args.step_weight * step_loss
+        cls_loss = torch.zeros((), device=device)
+        if cls is not None and args.cls_weight > 0:
+            cls_loss = cls_head.loss(cls.float(), names)
+            loss = loss + args.cls_weight * cls_loss
         teach_loss = torch.zeros((), device=device)
         if symbolic is not None:
             target = symbolic.detach().float()
@@ -717,11 +889,11 @@ def main(argv: list[str] | None = None) -> int:
             loss = loss + args.teacher_weight * teach_loss
         attn_loss = torch.zeros((), device=device)
         if args.attn_weight > 0:
-            attn_loss = attention_loss(outputs.attentions[args.attn_layer].float(), inputs["input_ids"], visual_id,
+            attn_loss = attention_loss(outputs.attentions[args.attn_layer], inputs["input_ids"], visual_id,
                                        targets["q_pos"], relevant)
             loss = loss + args.attn_weight * attn_loss
         if args.route_weight > 0:
-            route = route_loss(tuple(a.float() for a in outputs.attentions), targets, first - 1,
+            route = route_loss(outputs.attentions, targets, first - 1,
                                (1, args.attn_layer + 1, n_layers - 1))
             attn_loss = attn_loss + route
             loss = loss + args.route_weight * route
@@ -730,11 +902,14 @@ def main(argv: list[str] | None = None) -> int:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
+        if args.trim_every and step % args.trim_every == 0:
+            del outputs, logits, loss, inputs  # the step's tensors go before the trim, not after it
+            trim_heap()
         now = time.perf_counter()
         elapsed += now - t_last
         t_last = now
         for name, value in (("answer", answer), ("probe", probe_loss), ("steps", step_loss), ("attn", attn_loss),
-                            ("teacher", teach_loss)):
+                            ("teacher", teach_loss), ("cls", cls_loss)):
             window[name].append(value.detach())  # read back once per log line, not once per step
         if total is None and step == 20:
             total = max(int(args.minutes * 60 / (elapsed / step)), step + 1)
@@ -742,7 +917,7 @@ def main(argv: list[str] | None = None) -> int:
         if step % args.log_every == 0:
             losses = " ".join(f"{k} {torch.stack(v).mean().item():.3f}" for k, v in window.items())
             print(f"step {step}/{total} loss {losses} teacher share {share:.2f} lr {opt.param_groups[0]['lr']:.2e} "
-                  f"{elapsed / 60:.1f} min", flush=True)
+                  f"{elapsed / 60:.1f} min rss {rss_gib():.1f} GiB", flush=True)
             window.clear()
         overtime = args.steps is None and elapsed > 1.1 * 60 * args.minutes  # slower than measured: stop anyway
         if overtime:
@@ -754,7 +929,6 @@ def main(argv: list[str] | None = None) -> int:
             checkpoint()
         elif step % args.save_every == 0:
             checkpoint()
-    capture.handle.remove()
     print(f"done: {step} steps, {elapsed / 60:.1f} min, best validation {best:.3f}", flush=True)
     if args.export:
         dest = M.export(out / "best", kind, None if args.export == "package" else args.export)

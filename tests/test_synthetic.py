@@ -61,13 +61,21 @@ def classify_shape(mask: np.ndarray) -> str:
     return "diamond"
 
 
+def palette_mask(img: np.ndarray) -> np.ndarray:
+    """Pixels within 60 (RGB) of a palette colour: objects, never the textured backdrop or its clutter."""
+    pix = img.astype(np.int32)[..., None, :]
+    return (np.linalg.norm(pix - np.stack(list(PALETTE.values())), axis=-1) < 60).any(-1)
+
+
 def read_cell(img: np.ndarray, row: int, col: int, grid: int) -> str | None:
-    """ "colour shape" of the object in a cell, or None for an empty cell."""
+    """ "colour shape" of the object in a cell, or None for an empty cell. The object may sit anywhere inside
+    its cell (jitter); its colour is read at the centre of its own bounding box."""
     crop = cell_crop(img, row, col, grid).astype(np.int32)
-    fg = np.abs(crop - BG).sum(-1) > 90
+    fg = palette_mask(crop)
     if fg.sum() < 6:
         return None
-    cy, cx = crop.shape[0] // 2, crop.shape[1] // 2
+    ys, xs = np.nonzero(fg)
+    cy, cx = (ys.min() + ys.max()) // 2, (xs.min() + xs.max()) // 2
     colour = nearest_colour(crop[cy - 1: cy + 2, cx - 1: cx + 2].reshape(-1, 3).mean(0))
     return f"{colour} {classify_shape(fg)}"
 
@@ -217,7 +225,7 @@ h = hashlib.sha256()
 for s in syn.generate_images(100, seed=9, split="test"):
     h.update(repr((s.question, s.caption)).encode() + s.image.tobytes())
 for v in syn.generate_videos(20, seed=9, split="test", render=False):
-    h.update(repr((v.question, v.sprites, v.n_frames)).encode())
+    h.update(repr((v.question, v.sprites, v.n_frames, v.backdrop)).encode() + v.render()[::7].tobytes())
 print(h.hexdigest())
 """
 
@@ -230,6 +238,42 @@ def test_generation_does_not_depend_on_the_process():
         for seed in ("1", "2")
     }
     assert len(digests) == 1 and len(digests.pop()) == 64
+
+
+def test_backdrop_is_textured_cluttered_and_never_a_palette_colour():
+    """The default look is like real content: the background varies from patch to patch and carries small clutter
+    specks, yet no backdrop pixel can be taken for an object; `textured=False` gives the plain background."""
+    samples = syn.generate_images(24, seed=0, split="test")
+    patch_means = []
+    for s in samples:
+        bg = s.backdrop.render(s.image.shape[0])
+        assert not palette_mask(bg).any(), s.uid
+        drawn = palette_mask(s.image)
+        assert np.array_equal(s.image[~drawn], bg[~drawn])  # objects are painted over the backdrop, nothing else
+        patches = bg.reshape(12, 14, 12, 14, 3).mean(axis=(1, 3, 4))
+        patch_means.append(patches.std())
+    assert min(patch_means) > 1.0, "a backdrop is flat: neighbouring background tokens would be identical"
+    assert len({s.backdrop for s in samples}) == len(samples)
+    clutter = [np.isin(s.backdrop.render(168).reshape(-1, 3), np.array(syn.CLUTTER)).all(-1).any() for s in samples]
+    assert 0.5 < np.mean(clutter) < 1.0  # most backdrops have specks (0-5 each)
+    plain = syn.generate_images(4, seed=0, split="test", config=syn.ImageConfig(textured=False, jitter=False))
+    assert all(s.backdrop is None and (s.image[~palette_mask(s.image)] == BG).all() for s in plain)
+    v = syn.make_video(3, 0, "test")
+    still = v.frames[:, ~palette_mask(v.frames).any(0)]
+    assert (still == still[:1]).all() and still.std() > 1.0  # one textured backdrop, static through the video
+
+
+def test_objects_span_several_patches_at_random_offsets():
+    """At the default 168 px an object covers 3 to 4 patches of a patch-14 tower each way, and sits at its own
+    offset inside its cell (so a token's place in the grid does not give an object's cell by itself)."""
+    cfg = syn.ImageConfig()
+    assert cfg.size // 14 == 12 and cfg.geometry.object_px >= 3 * 14
+    objects = [o for s in syn.generate_images(40, seed=0, split="test") for o in s.objects]
+    offsets = {(o.dy, o.dx) for o in objects}
+    j = cfg.geometry.max_jitter
+    assert j >= 5 and len(offsets) > 20 and all(abs(dy) <= j and abs(dx) <= j for dy, dx in offsets)
+    sprites = [sp for v in syn.generate_videos(20, seed=0, split="test", render=False) for sp in v.sprites]
+    assert len({(sp.dy, sp.dx) for sp in sprites}) > 10
 
 
 def test_answer_letters_balanced_and_options_distinct():

@@ -1,5 +1,6 @@
-"""The training script's recipe machinery: the teacher's symbolic tokens, their substitution on the way to the
-LLM, the recipes' flags and the export into a model folder. Fresh (untrained) models, real forward passes."""
+"""The training script's machinery: the teacher's symbolic tokens, the visual-token path that reduction-aware
+training feeds (equal to the stock forward when nothing is reduced), the generic random reductions, the recipes'
+flags, safe resuming and the export into a model folder. Fresh (untrained) models, real forward passes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from tokenreduce.eval import augment as A
 from tokenreduce.eval import models as M
 from tokenreduce.eval import synthetic as syn
 from tokenreduce.eval import train as T
@@ -28,13 +31,14 @@ def test_teacher_tokens_are_word_embeddings_of_what_is_drawn(image_model):
     emb = model.get_input_embeddings().weight
     colours, shapes = list(syn.COLOURS), list(syn.SHAPES)
     labels = torch.zeros(1, 3, 4, dtype=torch.long)
-    labels[0, 0, :2] = torch.tensor([colours.index("red") + 1, shapes.index("circle") + 1])
-    labels[0, 1, :2] = torch.tensor([colours.index("white") + 1, shapes.index("cross") + 1])
+    labels[0, 0] = torch.tensor([colours.index("red") + 1, shapes.index("circle") + 1, 0, 0])  # top left
+    labels[0, 1] = torch.tensor([colours.index("white") + 1, shapes.index("cross") + 1, 2, 1])  # bottom middle
+    labels[0, 2, 2:] = torch.tensor([1, 2])  # background, middle right
     out = teacher(emb, labels)
-    ids = tok.convert_tokens_to_ids
-    assert torch.equal(out[0, 0], emb[ids(" red")] + emb[ids(" circle")])
-    assert torch.equal(out[0, 1], emb[ids(" white")] + emb[ids(" cross")])
-    assert torch.equal(out[0, 2], teacher.background)  # nothing drawn under token 2
+    e = lambda *words: sum(emb[tok.convert_tokens_to_ids(w)] for w in words)
+    torch.testing.assert_close(out[0, 0], e(" red", " circle") + e(" top", " left"), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[0, 1], e(" white", " cross") + e(" bottom", " middle"), rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[0, 2], teacher.background + e(" middle", " right"), rtol=0, atol=1e-6)
 
 
 def test_teacher_share_decays_linearly_to_zero():
@@ -44,28 +48,91 @@ def test_teacher_share_decays_linearly_to_zero():
     assert T.teacher_share(0, 0.5, 0) == 0.0  # no teacher steps: no teacher
 
 
-def test_substituted_rows_reach_the_llm_as_given(image_model):
-    """Row 0 fed image A's projected tokens while its pixels are image B gives exactly image A's logits; row 1
-    (not substituted) stays image B's."""
+@pytest.mark.parametrize("kind", M.KINDS)
+def test_visual_path_equals_the_stock_forward(kind):
+    """What training feeds the LLM (`visual_tokens` then `embed`) is, unreduced, exactly the stock forward: same
+    logits; reduced, its input holds exactly the averaged tokens (and the video newline last)."""
+    tok = M.build_tokenizer()
+    model = M.build_model(kind, tok, seed=0).eval()
+    if kind == "image":
+        visuals = np.stack([s.image for s in syn.generate_images(2, split="train")])
+    else:
+        visuals = np.stack([v.frames[np.linspace(0, v.n_frames - 1, M.NUM_FRAMES).astype(int)]
+                            for v in syn.generate_videos(2, split="train")])
+    token = "<image>" if kind == "image" else "<video>"
+    vid = tok.convert_tokens_to_ids(token)
+    inputs = M.encode(tok, model, [f"USER: {token}\nWhat is there? ASSISTANT:"] * 2, visuals)
+    with torch.no_grad():
+        ref = model(**inputs).logits
+        feats, extra, cls = T.visual_tokens(model, inputs)
+        full = feats if extra is None else torch.cat([feats, extra], dim=1)
+        logits = model(inputs_embeds=T.embed(model, inputs["input_ids"], full, vid),
+                       attention_mask=inputs["attention_mask"]).logits
+        torch.testing.assert_close(logits, ref, rtol=0, atol=1e-5)
+        assert feats.shape[1] == (144 if kind == "image" else M.NUM_FRAMES * 36)
+        assert (cls is not None) == (kind == "image")
+        a = A.matrix(A.Reduction("drop", 0.25), 2, 1 if kind == "image" else M.NUM_FRAMES, T.grid_side(model),
+                     np.random.default_rng(0))
+        short = M.encode(tok, model, [f"USER: {token}\nWhat is there? ASSISTANT:"] * 2, visuals,
+                         n_visual=a.shape[1] + (extra is not None))
+        vis = A.apply(a, feats)
+        vis = vis if extra is None else torch.cat([vis, extra], dim=1)
+        embeds = T.embed(model, short["input_ids"], vis, vid)
+        slots = short["input_ids"] == vid
+        assert int(slots.sum(1)[0]) == vis.shape[1] < full.shape[1]
+        torch.testing.assert_close(embeds[slots].view_as(vis), vis)
+
+
+def test_drop_pool_merge_and_time_reductions_are_averaging_matrices():
+    rng = np.random.default_rng(0)
+    side, frames = 12, 4
+    n = frames * side * side
+    x = torch.randn(3, n, 5)
+    drop = A.matrix(A.Reduction("drop", 0.25), 3, frames, side, rng)
+    assert drop.shape == (3, round(0.25 * n), n) and set(drop.unique().tolist()) == {0.0, 1.0}
+    kept = drop.argmax(-1)
+    assert all(torch.equal(k, k.sort().values) and len(set(k.tolist())) == len(k) for k in kept)  # order kept
+    assert not torch.equal(kept[0], kept[1])  # each sample its own subset
+    torch.testing.assert_close(A.apply(drop, x), torch.stack([x[b, kept[b]] for b in range(3)]))
+    pool = A.matrix(A.Reduction("pool", 1 / 9), 1, 1, side, np.random.default_rng(1))
+    grid = torch.randn(1, side * side, 5)
+    h = w = int(round(pool.shape[1] ** 0.5))
+    ref = F.adaptive_avg_pool2d(grid.view(1, side, side, 5).permute(0, 3, 1, 2), (h, w)).permute(0, 2, 3, 1)
+    if h * w == pool.shape[1]:  # a square draw: torch's adaptive pooling is the reference
+        torch.testing.assert_close(A.apply(pool, grid), ref.reshape(1, h * w, 5))
+    time = A.matrix(A.Reduction("time", 0.5), 2, frames, side, rng)
+    assert time.shape[1] % (frames // 2) == 0  # consecutive frame pairs, each pooled alike
+    merge = A.matrix(A.Reduction("merge", 0.1), 2, frames, side, rng)
+    for a in (drop, pool, time, merge):
+        torch.testing.assert_close(a.sum(-1), torch.ones(a.shape[:2]))  # every kept token is an average
+    assert torch.equal((merge > 0).sum(1), torch.ones(2, n, dtype=torch.long))  # a token joins exactly one group
+    mask = torch.zeros(2, n, dtype=torch.bool)
+    mask[:, :10] = True
+    assert torch.equal(A.reduce_mask(merge, mask), (merge[:, :, :10] > 0).any(-1))
+    again = A.matrix(A.Reduction("merge", 0.1), 2, frames, side, np.random.default_rng(5))
+    assert torch.equal(again, A.matrix(A.Reduction("merge", 0.1), 2, frames, side, np.random.default_rng(5)))
+    with pytest.raises(ValueError, match="method"):
+        A.Reduction("hired", 0.5)  # never a reducer under test
+    with pytest.raises(ValueError, match="keep"):
+        A.Reduction("drop", 0.0)
+    draws = [A.draw(np.random.default_rng(i), 0.5, ("drop", "pool"), (0.1, 0.8)) for i in range(400)]
+    assert 0.4 < np.mean([d is None for d in draws]) < 0.6
+    assert all(0.1 <= d.keep <= 0.8 for d in draws if d is not None)
+
+
+def test_a_reduced_batch_has_its_tokens_and_targets_shortened_alike(image_model):
+    """A reduced training batch: K placeholders instead of 144, `relevant` marks the kept tokens that show an
+    object the question is about, per-token labels stay those of the full grid (the probe reads the full grid)."""
     model, tok = image_model
-    a, b = (s.image for s in syn.generate_images(2, seed=0, split="train"))
-    prompts = ["USER: <image>\nWhat is there? ASSISTANT:"] * 2
-    capture = T.VisualCapture(model)
-    try:
-        with torch.no_grad():
-            ref = M.encode(tok, model, prompts, np.stack([a, b]))
-            ref_logits = model(**ref).logits
-            projected_a = capture.out[:1].clone()
-            swapped = M.encode(tok, model, prompts, np.stack([b, b]))
-            capture.substitute = (torch.tensor([True, False]), projected_a.expand(2, -1, -1))
-            logits = model(**swapped).logits
-            capture.substitute = None
-            plain_b = model(**swapped).logits
-    finally:
-        capture.handle.remove()
-    torch.testing.assert_close(logits[0], ref_logits[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(logits[1], plain_b[1], atol=1e-5, rtol=1e-5)
-    assert not torch.allclose(plain_b[0], ref_logits[0], atol=1e-3)  # the swap changed something to restore
+    data = T.Batches("image", 0, 4, syn.IMAGE_TASKS)
+    full = data.make(3, syn.IMAGE_TASKS, tok, model)
+    red = data.make(3, syn.IMAGE_TASKS, tok, model, A.Reduction("drop", 0.5))
+    vid = tok.convert_tokens_to_ids("<image>")
+    assert ((full["input_ids"] == vid).sum(1) == 144).all() and ((red["input_ids"] == vid).sum(1) == 72).all()
+    assert red["reduce"].shape == (4, 72, 144) and red["relevant"].shape == (4, 72)
+    kept = red["reduce"].argmax(-1)
+    assert torch.equal(red["relevant"], torch.gather(full["relevant"], 1, kept))
+    assert torch.equal(red["token_labels"], full["token_labels"]) and full["relevant"].any(1).all()
 
 
 def test_recipes_set_flags_and_explicit_flags_win(tmp_path: Path):
@@ -75,9 +142,10 @@ def test_recipes_set_flags_and_explicit_flags_win(tmp_path: Path):
     args = T.parse_args(["--recipe", "video", "--steps", "7", "--out", str(tmp_path)])
     assert args.model == "video" and args.steps == 7 and args.attn_weight == T.RECIPES["video"]["attn_weight"]
     assert args.stop_at is None  # the recipe's early stop belongs to the schedule that --steps replaced
-    for name in ("image", "video"):  # both shipped recipes end early on their schedules (where validation peaked)
+    for name in ("image", "video"):  # a recipe's early stop lies on its schedule
         args = T.parse_args(["--recipe", name, "--out", str(tmp_path)])
-        assert args.stop_at == T.RECIPES[name]["stop_at"] < args.steps, name
+        assert args.stop_at is None or args.stop_at < args.steps, name
+        assert args.reduce_frac > 0, "the shipped models are trained reduction-aware"
     for stop in ("--stop-at", "--stop"):  # an explicit stop, abbreviated or not, is kept
         args = T.parse_args(["--recipe", "video", "--steps=1800", stop, "1700", "--out", str(tmp_path)])
         assert (args.steps, args.stop_at) == (1800, 1700)
@@ -122,7 +190,7 @@ def test_stop_at_ends_the_run_early_on_the_full_schedule(tmp_path: Path, capsys)
     logged_lr = float(steps[-1].split(" lr ")[1].split()[0])  # the rate step 3 trained with (schedule index 2)
     assert logged_lr == pytest.approx(T.learning_rate(2, 1.5e-3, 1, 6), rel=1e-2)
     assert logged_lr != pytest.approx(T.learning_rate(2, 1.5e-3, 1, 3), rel=1e-2)
-    assert torch.load(tmp_path / "state.pt", weights_only=True)["step"] == 3
+    assert T.load_state(tmp_path / "state.pt")["step"] == 3
     assert T.main(argv) == 0  # the same command again resumes at its end and trains nothing more
     again = capsys.readouterr().out
     assert "resumed at step 3/6" in again and not any(line.startswith("step ") for line in again.splitlines())
@@ -130,7 +198,9 @@ def test_stop_at_ends_the_run_early_on_the_full_schedule(tmp_path: Path, capsys)
 
 @pytest.mark.parametrize("argv, message", [
     (["--out", "x"], "--model is required"),
-    (["--model", "video", "--teacher-frac", "0.5", "--out", "x"], "image model only"),
+    (["--model", "image", "--reduce-frac", "2", "--out", "x"], "--reduce-frac must be in [0, 1]"),
+    (["--model", "image", "--reduce-keep", "0.5", "0.2", "--out", "x"], "0 < LO <= HI <= 1"),
+    (["--model", "image", "--reduce-methods", "hired", "--out", "x"], "invalid choice"),
     (["--model", "image", "--teacher-frac", "1.5", "--out", "x"], "must be in [0, 1]"),
     (["--model", "image", "--out", "x", "--steps", "100", "--restart-steps", "50", "60",
       "--restart-lr", "1e-3", "5e-4", "2e-4"], "one value or one per --restart-steps"),
@@ -168,6 +238,36 @@ def test_teacher_run_trains_and_exports_a_stock_checkpoint(tmp_path: Path, capsy
     assert (dest / "training.json").exists()
 
 
+class _Planted:
+    """What an attacker pickles: unpickling it calls `touch` on a path (any code could run instead)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_resume_never_unpickles_code(tmp_path: Path):
+    """Issue 22 #14: a planted OUT/state.pt whose unpickling would run code is refused with a one-line error and
+    the code does not run (resume used torch.load(weights_only=False)); a real state file still resumes."""
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    out.mkdir()
+    torch.save({"model": {}, "step": 1, "payload": _Planted(marker)}, out / "state.pt")
+    argv = ["--model", "image", "--out", str(out), "--steps", "2", "--batch", "2", "--threads", "1"]
+    with pytest.raises(SystemExit) as e:
+        T.main(argv)
+    message = str(e.value.code)
+    assert "is not a training state this script wrote" in message and "\n" not in message
+    assert not marker.exists()
+    torch.save(["not", "a", "state"], out / "state.pt")
+    with pytest.raises(SystemExit, match="no model and step"):
+        T.main(argv)
+    (out / "state.pt").write_bytes(b"garbage")
+    with pytest.raises(SystemExit, match="refused to load it"):
+        T.main(argv)
+
+
 def test_schedule_warms_up_decays_and_restarts():
     lr, warm, main, restarts = 2e-3, 100, 1300, [(300, 1e-3), (400, 5e-4)]
     total = main + 300 + 400
@@ -195,26 +295,3 @@ def test_restart_flags_pair_steps_with_peaks():
     shared = T.parse_args(["--model", "image", "--out", "x", "--steps", "100", "--lr", "2e-3",
                            "--restart-steps", "50", "60"])
     assert shared.restarts == [(50, 1e-3), (60, 1e-3)]  # default peak: half of --lr, for every cycle
-
-
-class _Planted:
-    """What a planted state file holds: unpickling it would create `marker` (any code could run instead)."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
-def test_resume_refuses_a_state_file_that_would_run_code(tmp_path: Path):
-    """Resume loads tensors and plain values only (weights_only): a state file with a pickled callable is refused
-    with one message, and the callable never runs (issue 22 #14)."""
-    marker = tmp_path / "ran"
-    out = tmp_path / "run"
-    out.mkdir()
-    torch.save({"model": _Planted(marker), "step": 1}, out / "state.pt")
-    with pytest.raises(SystemExit, match="refusing .*state.pt: it holds more than tensors"):
-        T.main(["--model", "image", "--out", str(out), "--steps", "2", "--batch", "2", "--val-size", "4",
-                "--threads", "1"])
-    assert not marker.exists()

@@ -9,11 +9,11 @@ In memory, for training without disk::
 
     from tokenreduce.eval import synthetic as syn
     batch = syn.generate_images(32, seed=0, split="train", start=step * 32)   # list[ImageSample]
-    batch[0].image            # (112, 112, 3) uint8
+    batch[0].image            # (168, 168, 3) uint8: shapes on a textured, cluttered backdrop
     batch[0].question         # Question(task, question, options (4 texts), answer index); .letter, .lettered()
     batch[0].caption          # "red circle at the top left, blue square at the centre."
     clips = syn.generate_videos(4, seed=0, split="train")                     # list[VideoSample]
-    clips[0].frames           # (T, 112, 112, 3) uint8, 8 <= T <= 256; clips[0].duration in short/medium/long
+    clips[0].frames           # (T, 168, 168, 3) uint8, 8 <= T <= 256; clips[0].duration in short/medium/long
 
 On disk (Video-MME and MLVU layouts; see `layouts` for every file and field)::
 
@@ -37,7 +37,18 @@ from .layouts import (
 )
 from .mp4 import read_mp4, write_mp4
 from .questions import Question
-from .scene import BACKGROUND, COLOURS, SHAPES, Geometry, Obj, caption, position_phrase, render_objects
+from .scene import (
+    BACKGROUND,
+    CLUTTER,
+    COLOURS,
+    SHAPES,
+    Backdrop,
+    Geometry,
+    Obj,
+    caption,
+    position_phrase,
+    render_objects,
+)
 from .seeds import LETTERS, SPLITS, scene_split, split_seed
 from .videos import (
     DIRECTIONS,
@@ -63,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
 __all__ = [
     "BACKGROUND",
+    "CLUTTER",
     "COLOURS",
     "DIRECTIONS",
     "DURATIONS",
@@ -79,6 +91,7 @@ __all__ = [
     "VIDEOMME_FIELDS",
     "VIDEO_TASKS",
     "Appearance",
+    "Backdrop",
     "Geometry",
     "ImageConfig",
     "ImageSample",

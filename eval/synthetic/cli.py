@@ -38,9 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=400, help="images per split (default 400)")
     p.add_argument("--videos", type=int, default=200, help="videos per split (default 200)")
     p.add_argument("--seed", type=int, default=0, help="base seed; each split derives its own (default 0)")
-    p.add_argument("--image-size", type=int, default=112, help="image side in pixels (default 112)")
-    p.add_argument("--video-size", type=int, default=112, help="video frame side in pixels, even (default 112)")
+    p.add_argument("--image-size", type=int, default=168, help="image side in pixels (default 168)")
+    p.add_argument("--video-size", type=int, default=168, help="video frame side in pixels, even (default 168)")
     p.add_argument("--grid", type=int, default=3, help="cells per side (default 3)")
+    p.add_argument("--plain", action="store_true",
+                   help="plain background, objects centred in their cells (generator version 1's look)")
     p.add_argument("--fps", type=int, default=8, help="video frame rate (default 8)")
     p.add_argument("--min-sampled-frames", type=int, default=8,
                    help="every event stays visible when a model samples this many frames uniformly (default 8)")
@@ -57,9 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        image_config = ImageConfig(size=args.image_size, grid=args.grid)
+        look = dict(textured=not args.plain, jitter=not args.plain)
+        image_config = ImageConfig(size=args.image_size, grid=args.grid, **look)
         video_config = VideoConfig(size=args.video_size, grid=args.grid, fps=args.fps,
-                                   min_sampled_frames=args.min_sampled_frames)
+                                   min_sampled_frames=args.min_sampled_frames, **look)
         if args.images < 0 or args.videos < 0 or args.seed < 0:
             raise ValueError("--images, --videos and --seed must be >= 0")
         for split in args.splits:

@@ -24,7 +24,18 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from .questions import Question, arrange, shuffled
-from .scene import COLOURS, SHAPES, Geometry, Obj, all_names, caption, check_geometry, position_phrase, render_objects
+from .scene import (
+    COLOURS,
+    SHAPES,
+    Backdrop,
+    Geometry,
+    Obj,
+    all_names,
+    caption,
+    check_geometry,
+    position_phrase,
+    render_objects,
+)
 from .seeds import balanced_letter, check_split, item_rng, scene_split
 
 IMAGE_TASKS: tuple[str, ...] = ("colour_at", "shape_at", "relation", "count_colour")
@@ -39,12 +50,16 @@ RELATIONS: dict[str, Callable[[Obj, Obj], bool]] = {
 
 @dataclass(frozen=True)
 class ImageConfig:
-    """`size` x `size` pixels, a `grid` x `grid` cell layout, `min_objects`..`max_objects` objects per image."""
+    """`size` x `size` pixels, a `grid` x `grid` cell layout, `min_objects`..`max_objects` objects per image;
+    `textured`: a textured, cluttered backdrop (`scene.Backdrop`) instead of a plain one; `jitter`: objects sit
+    at random pixel offsets inside their cells instead of at the centre."""
 
-    size: int = 112
+    size: int = 168
     grid: int = 3
     min_objects: int = 2
     max_objects: int = 5
+    textured: bool = True
+    jitter: bool = True
 
     def __post_init__(self) -> None:
         check_geometry(self.size, self.grid)
@@ -64,7 +79,8 @@ class ImageConfig:
 
 @dataclass(frozen=True)
 class ImageSample:
-    """One generated image and its question. `image` is (size, size, 3) uint8 RGB."""
+    """One generated image and its question. `image` is (size, size, 3) uint8 RGB; `backdrop` is the textured
+    background it was drawn on (None: plain)."""
 
     uid: str
     split: str
@@ -73,6 +89,7 @@ class ImageSample:
     question: Question
     caption: str
     image: np.ndarray
+    backdrop: Backdrop | None = None
 
     @property
     def task(self) -> str:
@@ -181,6 +198,7 @@ def make_image(index: int, seed: int = 0, split: str = "train", config: ImageCon
             break
     else:  # pragma: no cover - every task is feasible on most scenes
         raise RuntimeError(f"no scene for task {task!r} in 10000 draws")
+    objects, backdrop = dress(objects, config, rng)
     return ImageSample(
         uid=f"{split}_{task}_{index:06d}",
         split=split,
@@ -188,8 +206,21 @@ def make_image(index: int, seed: int = 0, split: str = "train", config: ImageCon
         objects=objects,
         question=question,
         caption=caption(objects, config.grid),
-        image=render_objects(objects, config.geometry),
+        image=render_objects(objects, config.geometry, backdrop),
+        backdrop=backdrop,
     )
+
+
+def dress(objects: Sequence[Obj], config: ImageConfig, rng: np.random.Generator
+          ) -> tuple[tuple[Obj, ...], Backdrop | None]:
+    """The drawn scene's pixel offsets (`config.jitter`) and backdrop (`config.textured`), drawn after the scene
+    and its question so that these never change which scene or question an item gets."""
+    j = config.geometry.max_jitter if config.jitter else 0
+    if j:
+        objects = tuple(replace(o, dy=int(rng.integers(-j, j + 1)), dx=int(rng.integers(-j, j + 1)))
+                        for o in objects)
+    backdrop = Backdrop(int(rng.integers(2**31))) if config.textured else None
+    return tuple(objects), backdrop
 
 
 def generate_images(n: int, seed: int = 0, split: str = "train", size: int | None = None, *, start: int = 0,

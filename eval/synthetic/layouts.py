@@ -55,7 +55,7 @@ from .seeds import LETTERS, check_split, split_seed
 from .videos import VIDEO_TASKS, VideoConfig, VideoSample, make_video
 
 #: bump when the same seed and parameters would produce different data
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 
 VIDEOMME_FIELDS = ("video_id", "duration", "domain", "sub_category", "url", "videoID", "question_id", "task_type",
                    "question", "options", "answer")
@@ -197,16 +197,18 @@ def image_record(sample: ImageSample) -> dict[str, Any]:
 
 
 def image_scene(sample: ImageSample) -> dict[str, Any]:
-    return {"uid": sample.uid, "task": sample.task, "objects": [asdict(o) for o in sample.objects]}
+    return {"uid": sample.uid, "task": sample.task, "objects": [asdict(o) for o in sample.objects],
+            "backdrop": None if sample.backdrop is None else sample.backdrop.seed}
 
 
 def video_scene(sample: VideoSample) -> dict[str, Any]:
     return {
         "uid": sample.uid, "task": sample.task, "duration": sample.duration, "n_frames": sample.n_frames,
         "fps": sample.fps,
-        "sprites": [{"colour": s.colour, "shape": s.shape,
+        "sprites": [{"colour": s.colour, "shape": s.shape, "offset": [s.dy, s.dx],
                      "appearances": [[a.start, a.stop, a.row, a.col, a.row_end, a.col_end] for a in s.appearances]}
                     for s in sample.sprites],
+        "backdrop": None if sample.backdrop is None else sample.backdrop.seed,
     }
 
 

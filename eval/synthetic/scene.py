@@ -1,14 +1,20 @@
-"""Scenes: coloured shapes on a coarse grid, and their rendering to uint8 RGB arrays.
+"""Scenes: coloured shapes on a coarse grid over a textured backdrop, and their rendering to uint8 RGB arrays.
 
-The picture is `grid x grid` square cells (3x3 by default) on a plain dark-grey background. An object is one
-shape of one colour, centred in its cell and `OBJECT_FRACTION` of the cell wide. Every shape covers its cell's
-centre pixel, so "what colour is the object in this cell" can be read from one pixel. Colours are far apart in
-RGB (and in YUV 4:2:0, so an mp4 round trip keeps them apart: measured error <= 3 per channel at crf 12).
+The picture is `grid x grid` square cells (3x3 by default). An object is one shape of one colour,
+`OBJECT_FRACTION` of the cell wide, placed in its cell with a pixel offset (`Obj.dy`, `Obj.dx`, at most
+`Geometry.max_jitter` either way, so it never leaves its cell); every shape covers the pixel at its own centre.
+Colours are far apart in RGB (and in YUV 4:2:0, so an mp4 round trip keeps them apart: measured error <= 3 per
+channel at crf 12).
+
+The backdrop (`Backdrop`) is like real content, not a flat fill: a dark-grey texture (stripes, checks or
+blotches plus fine grain) and a few small clutter specks in muted colours that no question is about. Every
+backdrop pixel stays far from every palette colour (more than 60 in RGB), so objects remain readable, but
+neighbouring background tokens are no longer identical and distinctive specks compete for a reducer's budget.
 
 Positions are named in words on the default 3x3 grid ("top left", "centre", "bottom middle", ...) and as
 "row R column C" (1-based) on any other grid; `position_phrase` gives the phrase questions and captions use.
-At 112 px and a 3x3 grid a cell is 37 px and an object 28 px (2x2 tokens of a patch-14 tower); at 224 px
-they are 74 and 56 px.
+At 168 px (the default) and a 3x3 grid a cell is 56 px and an object 43 px: it spans 3 to 4 patches of a
+patch-14 tower each way (9 to 16 of its 144 tokens); at 112 px they are 37 and 28 px.
 """
 
 from __future__ import annotations
@@ -29,6 +35,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond", "cross")
 BACKGROUND: tuple[int, int, int] = (40, 40, 40)
+#: muted colours of the backdrop's clutter specks (each more than 100 from every palette colour in RGB)
+CLUTTER: tuple[tuple[int, int, int], ...] = ((120, 95, 70), (105, 105, 110), (50, 95, 95), (95, 70, 95))
+#: backdrop pixel values stay within this range (per channel)
+BACKDROP_RANGE: tuple[int, int] = (18, 90)
 #: object width / cell width
 OBJECT_FRACTION = 0.76
 
@@ -44,6 +54,8 @@ class Obj:
     col: int
     colour: str
     shape: str
+    dy: int = 0
+    dx: int = 0
 
     @property
     def name(self) -> str:
@@ -73,13 +85,18 @@ class Geometry:
         """Object width in pixels."""
         return max(3, int(round(self.cell * OBJECT_FRACTION)))
 
-    def top_left(self, row: float, col: float) -> tuple[int, int]:
-        """Pixel (y, x) of the top-left corner of an object centred in cell (row, col); fractional cells move
-        an object between cells."""
+    @property
+    def max_jitter(self) -> int:
+        """The largest pixel offset of an object from its cell's centre that keeps it inside the cell."""
+        return (self.cell - self.object_px) // 2
+
+    def top_left(self, row: float, col: float, dy: int = 0, dx: int = 0) -> tuple[int, int]:
+        """Pixel (y, x) of the top-left corner of an object centred in cell (row, col) and moved by (dy, dx)
+        pixels; fractional cells move an object between cells."""
         inset = (self.cell - self.object_px) / 2
         y = self.origin + row * self.cell + inset
         x = self.origin + col * self.cell + inset
-        return int(round(y)), int(round(x))
+        return int(round(y)) + dy, int(round(x)) + dx
 
     def centre(self, row: int, col: int) -> tuple[int, int]:
         """Pixel (y, x) of the centre of cell (row, col)."""
@@ -126,6 +143,35 @@ def shape_mask(shape: str, px: int) -> np.ndarray:
     return mask
 
 
+#: period (pixels) of a shape's fill pattern; every 14-px patch of an object sees at least two periods
+FILL_PERIOD = 6
+#: brightness of a pattern's dark stripes relative to the object's colour
+FILL_SHADE = 0.55
+
+
+@lru_cache(maxsize=64)
+def fill_mask(shape: str, px: int) -> np.ndarray:
+    """Boolean (px, px) mask of the dark part of `shape`'s fill pattern (True = shaded).
+
+    Each shape has its own fill, so that every patch inside an object shows what it is, as a patch of a real
+    object shows its texture: circle solid, square horizontal stripes, triangle vertical stripes, diamond
+    checks, cross diagonal stripes. The outline still differs too.
+    """
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+    half = FILL_PERIOD // 2
+    y, x = np.mgrid[0:px, 0:px]
+    mask = {
+        "circle": np.zeros((px, px), dtype=bool),
+        "square": (y // half) % 2 == 1,
+        "triangle": (x // half) % 2 == 1,
+        "diamond": (y // half + x // half) % 2 == 1,
+        "cross": ((x + y) // half) % 2 == 1,
+    }[shape]
+    mask.setflags(write=False)
+    return mask
+
+
 def blank(size: int, frames: int | None = None) -> np.ndarray:
     """Background-filled (size, size, 3) uint8 image, or (frames, size, size, 3) when `frames` is given."""
     shape = (size, size, 3) if frames is None else (frames, size, size, 3)
@@ -134,26 +180,84 @@ def blank(size: int, frames: int | None = None) -> np.ndarray:
     return out
 
 
-def paint(canvas: np.ndarray, colour: str, shape: str, y: int, x: int, px: int) -> None:
-    """Paint a `px`-wide `shape` with its top-left corner at pixel (y, x), in place.
+def paint(canvas: np.ndarray, colour: str | tuple[int, int, int], shape: str, y: int, x: int, px: int) -> None:
+    """Paint a `px`-wide `shape` in `colour` (a palette name or an RGB triple) with its top-left corner at pixel
+    (y, x), in place. A palette colour gets the shape's fill pattern (`fill_mask`); an RGB triple (the
+    backdrop's clutter) is painted flat.
 
     `canvas` is (H, W, 3) or (T, H, W, 3) (then every frame gets the object). Pixels outside are clipped.
     """
     h, w = canvas.shape[-3], canvas.shape[-2]
-    mask = shape_mask(shape, px)
     y0, x0, y1, x1 = max(y, 0), max(x, 0), min(y + px, h), min(x + px, w)
     if y0 >= y1 or x0 >= x1:
         return
-    m = mask[y0 - y : y1 - y, x0 - x : x1 - x]
-    canvas[..., y0:y1, x0:x1, :][..., m, :] = COLOURS[colour]
+    window = (slice(y0 - y, y1 - y), slice(x0 - x, x1 - x))
+    m = shape_mask(shape, px)[window]
+    region = canvas[..., y0:y1, x0:x1, :]
+    if isinstance(colour, str):
+        rgb = np.asarray(COLOURS[colour], dtype=np.float64)
+        shade = fill_mask(shape, px)[window]
+        region[..., m & ~shade, :] = rgb.astype(np.uint8)
+        region[..., m & shade, :] = np.round(rgb * FILL_SHADE).astype(np.uint8)
+    else:
+        region[..., m, :] = colour
 
 
-def render_objects(objects: tuple[Obj, ...] | list[Obj], geometry: Geometry) -> np.ndarray:
-    """Render a still scene: (size, size, 3) uint8 RGB."""
-    image = blank(geometry.size)
+@dataclass(frozen=True)
+class Backdrop:
+    """A textured background with clutter, fully determined by `seed` (what scenes.json records).
+
+    `render(size)` draws: a base grey (38-58) with a slight per-channel tint; one pattern of amplitude 6-14
+    (stripes at a random angle and period, checks, or smooth blotches); fine grain (+-3); 0-5 clutter specks
+    (a random shape 5-9 px wide in a `CLUTTER` colour) anywhere. Values are clipped to `BACKDROP_RANGE`.
+    """
+
+    seed: int
+
+    def render(self, size: int) -> np.ndarray:
+        """(size, size, 3) uint8 RGB."""
+        rng = np.random.default_rng([self.seed, size])
+        y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+        base = rng.uniform(38, 58) + rng.uniform(-4, 4, size=3)
+        amp = rng.uniform(6, 14)
+        kind = int(rng.integers(3))
+        if kind == 0:  # stripes
+            angle, period = rng.uniform(0, np.pi), rng.uniform(8, 28)
+            pattern = np.sin(2 * np.pi * (x * np.cos(angle) + y * np.sin(angle)) / period)
+        elif kind == 1:  # checks
+            period = rng.uniform(6, 20)
+            pattern = np.sign(np.sin(np.pi * (x + 0.5) / period) * np.sin(np.pi * (y + 0.5) / period))
+        else:  # blotches: coarse noise, bilinearly upsampled
+            from PIL import Image
+
+            coarse = rng.uniform(-1, 1, size=(int(rng.integers(3, 8)),) * 2).astype(np.float32)
+            pattern = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BILINEAR))
+        grain = rng.uniform(-3, 3, size=(size, size, 1))
+        img = base + amp * pattern[..., None] + grain
+        out = np.clip(np.round(img), *BACKDROP_RANGE).astype(np.uint8)
+        for _ in range(int(rng.integers(0, 6))):
+            px = int(rng.integers(5, 10))
+            sy, sx = (int(v) for v in rng.integers(0, size - px, size=2))
+            paint(out, CLUTTER[int(rng.integers(len(CLUTTER)))], SHAPES[int(rng.integers(len(SHAPES)))], sy, sx, px)
+        return out
+
+
+def backdrop_image(backdrop: Backdrop | None, size: int, frames: int | None = None) -> np.ndarray:
+    """The backdrop (or the plain `BACKGROUND` for None) as (size, size, 3), or (frames, size, size, 3) when
+    `frames` is given (the same picture in every frame)."""
+    if backdrop is None:
+        return blank(size, frames)
+    img = backdrop.render(size)
+    return img.copy() if frames is None else np.repeat(img[None], frames, axis=0)
+
+
+def render_objects(objects: tuple[Obj, ...] | list[Obj], geometry: Geometry,
+                   backdrop: Backdrop | None = None) -> np.ndarray:
+    """Render a still scene over `backdrop` (plain background for None): (size, size, 3) uint8 RGB."""
+    image = backdrop_image(backdrop, geometry.size)
     px = geometry.object_px
     for obj in objects:
-        y, x = geometry.top_left(obj.row, obj.col)
+        y, x = geometry.top_left(obj.row, obj.col, obj.dy, obj.dx)
         paint(image, obj.colour, obj.shape, y, x, px)
     return image
 

@@ -38,7 +38,7 @@ import numpy as np
 
 from .images import check_tasks
 from .questions import Question, arrange, shuffled
-from .scene import COLOURS, SHAPES, Geometry, all_names, blank, check_geometry, paint
+from .scene import COLOURS, SHAPES, Backdrop, Geometry, all_names, backdrop_image, check_geometry, paint
 from .seeds import balanced_letter, check_split, item_rng, scene_split
 
 VIDEO_TASKS: tuple[str, ...] = ("needle", "order", "count", "direction", "final_corner")
@@ -48,14 +48,17 @@ DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
 
 @dataclass(frozen=True)
 class VideoConfig:
-    """Frame size and grid, frame rate, the fewest frames a model samples, and the frame counts per duration
-    label as (label, min frames, max frames)."""
+    """Frame size and grid, frame rate, the fewest frames a model samples, the frame counts per duration label as
+    (label, min frames, max frames), and the look: `textured` (a textured, cluttered backdrop, the same in every
+    frame) and `jitter` (each object at its own pixel offset inside its cells)."""
 
-    size: int = 112
+    size: int = 168
     grid: int = 3
     fps: int = 8
     min_sampled_frames: int = 8
     durations: tuple[tuple[str, int, int], ...] = field(default=DURATIONS)
+    textured: bool = True
+    jitter: bool = True
 
     def __post_init__(self) -> None:
         check_geometry(self.size, self.grid)
@@ -78,7 +81,8 @@ class VideoConfig:
 
     def to_dict(self) -> dict:
         return {"size": self.size, "grid": self.grid, "fps": self.fps, "min_sampled_frames": self.min_sampled_frames,
-                "durations": {label: [lo, hi] for label, lo, hi in self.durations}}
+                "durations": {label: [lo, hi] for label, lo, hi in self.durations}, "textured": self.textured,
+                "jitter": self.jitter}
 
 
 @dataclass(frozen=True)
@@ -100,11 +104,14 @@ class Appearance:
 
 @dataclass(frozen=True)
 class Sprite:
-    """An object of one colour and shape and the times it is on screen."""
+    """An object of one colour and shape and the times it is on screen, drawn (dy, dx) pixels off its cells'
+    centres."""
 
     colour: str
     shape: str
     appearances: tuple[Appearance, ...]
+    dy: int = 0
+    dx: int = 0
 
     @property
     def name(self) -> str:
@@ -114,7 +121,7 @@ class Sprite:
 @dataclass(frozen=True)
 class VideoSample:
     """One generated video and its question. `frames` is (n_frames, size, size, 3) uint8 RGB, or None when
-    made with `render=False` (call `render`)."""
+    made with `render=False` (call `render`); `backdrop` is the textured background (None: plain)."""
 
     uid: str
     split: str
@@ -126,6 +133,7 @@ class VideoSample:
     question: Question
     geometry: Geometry
     frames: np.ndarray | None = None
+    backdrop: Backdrop | None = None
 
     @property
     def task(self) -> str:
@@ -137,7 +145,9 @@ class VideoSample:
 
     def render(self) -> np.ndarray:
         """The frames: (n_frames, size, size, 3) uint8."""
-        return self.frames if self.frames is not None else render_video(self.sprites, self.n_frames, self.geometry)
+        if self.frames is not None:
+            return self.frames
+        return render_video(self.sprites, self.n_frames, self.geometry, self.backdrop)
 
 
 def event_length(n_frames: int, min_sampled_frames: int) -> int:
@@ -145,20 +155,22 @@ def event_length(n_frames: int, min_sampled_frames: int) -> int:
     return math.ceil((n_frames - 1) / (min_sampled_frames - 1)) + 1
 
 
-def render_video(sprites: Sequence[Sprite], n_frames: int, geometry: Geometry) -> np.ndarray:
-    """Render frames: (n_frames, size, size, 3) uint8 RGB."""
-    frames = blank(geometry.size, n_frames)
+def render_video(sprites: Sequence[Sprite], n_frames: int, geometry: Geometry,
+                 backdrop: Backdrop | None = None) -> np.ndarray:
+    """Render frames over `backdrop` (plain background for None): (n_frames, size, size, 3) uint8 RGB."""
+    frames = backdrop_image(backdrop, geometry.size, n_frames)
     px = geometry.object_px
     for sp in sprites:
         for a in sp.appearances:
             if not a.moving:
-                y, x = geometry.top_left(a.row, a.col)
+                y, x = geometry.top_left(a.row, a.col, sp.dy, sp.dx)
                 paint(frames[a.start : a.stop], sp.colour, sp.shape, y, x, px)
                 continue
             span = max(a.stop - a.start - 1, 1)
             for t in range(a.start, a.stop):
                 f = (t - a.start) / span
-                y, x = geometry.top_left(a.row + f * (a.row_end - a.row), a.col + f * (a.col_end - a.col))
+                y, x = geometry.top_left(a.row + f * (a.row_end - a.row), a.col + f * (a.col_end - a.col), sp.dy,
+                                         sp.dx)
                 paint(frames[t], sp.colour, sp.shape, y, x, px)
     return frames
 
@@ -387,9 +399,13 @@ def make_video(index: int, seed: int = 0, split: str = "train", config: VideoCon
     else:
         raise RuntimeError(f"no {task!r} video with {lo}-{hi} frames fits a {config.grid}x{config.grid} grid "
                            f"with min_sampled_frames={config.min_sampled_frames}")
+    j = config.geometry.max_jitter if config.jitter else 0  # drawn after the scene: it never changes the scene
+    if j:
+        sprites = [replace(sp, dy=int(rng.integers(-j, j + 1)), dx=int(rng.integers(-j, j + 1))) for sp in sprites]
+    backdrop = Backdrop(int(rng.integers(2**31))) if config.textured else None
     sample = VideoSample(
         uid=f"{split}_{task}_{index:06d}", split=split, index=index, duration=label, n_frames=n_frames,
-        fps=config.fps, sprites=tuple(sprites), question=question, geometry=config.geometry,
+        fps=config.fps, sprites=tuple(sprites), question=question, geometry=config.geometry, backdrop=backdrop,
     )
     return replace(sample, frames=sample.render()) if render else sample
 
