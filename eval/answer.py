@@ -170,13 +170,13 @@ def load_checkpoint(path: str | os.PathLike, device: str = "cpu", dtype: str = "
 
 def _own_image_processor(cfg, tokenizer):
     """The processor of this project's image models (`models.build_image_processor`) for one of its checkpoints
-    saved without it (a training run's ``best/``): recognised by the tower size and the word-level tokenizer's
+    saved without it (a training run's ``best/``): recognised by the patch size and the small word-level tokenizer's
     ``<image>`` token. None for anything else (a foreign checkpoint needs its own processor files)."""
     from . import models as M
 
     vc = cfg.vision_config
-    if vc.image_size == M.IMAGE_SIZE and vc.patch_size == M.PATCH_SIZE and "<image>" in tokenizer.get_vocab():
-        return M.build_image_processor(tokenizer)
+    if vc.patch_size == M.PATCH_SIZE and "<image>" in tokenizer.get_vocab() and len(tokenizer.get_vocab()) < 1000:
+        return M.build_image_processor(tokenizer, vc.image_size)
     return None
 
 

@@ -258,15 +258,15 @@ def default_model(kind: str = "image"):
     return load(path, kind)
 
 
-def build_image_processor(tokenizer):
-    """A `LlavaProcessor` for the image model (PIL CLIP image processor, 168 px; `<image>` -> 144 placeholders);
-    saved beside the image model so `AutoProcessor.from_pretrained` works too. Gives the same inputs as
-    `encode`."""
+def build_image_processor(tokenizer, size: int = IMAGE_SIZE):
+    """A `LlavaProcessor` for the image model (PIL CLIP image processor at `size` px, 168 by default: `<image>`
+    -> 144 placeholders); saved beside the image model so `AutoProcessor.from_pretrained` works too. Gives the
+    same inputs as `encode`."""
     from transformers import LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    crop = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    ip = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size=crop, image_mean=list(CLIP_MEAN),
+    crop = {"height": size, "width": size}
+    ip = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size=crop, image_mean=list(CLIP_MEAN),
                                image_std=list(CLIP_STD))
     return LlavaProcessor(image_processor=ip, tokenizer=tokenizer, patch_size=PATCH_SIZE,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
@@ -285,7 +285,7 @@ def export(run_dir: str | Path, kind: str, dest: str | Path | None = None) -> Pa
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     if kind == "image":
-        build_image_processor(tok).save_pretrained(tmp)
+        build_image_processor(tok, model.config.vision_config.image_size).save_pretrained(tmp)
     if (Path(run_dir) / "training.json").exists():
         shutil.copy(Path(run_dir) / "training.json", tmp / "training.json")
     if (dest / "README.md").exists():

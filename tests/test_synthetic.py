@@ -23,6 +23,8 @@ av = pytest.importorskip("av", reason="mp4 writing needs PyAV (the `video` extra
 # --- reading pictures back, independently of the generator ----------------------------------------------------------
 
 PALETTE = {name: np.array(rgb) for name, rgb in syn.COLOURS.items()}
+#: the dark part of each colour's fill pattern (images draw shapes patterned: `scene.fill_mask`)
+SHADED = {name: np.round(rgb * syn.scene.FILL_SHADE) for name, rgb in PALETTE.items()}
 BG = np.array(syn.BACKGROUND)
 CELL_WORDS = {"top left": (0, 0), "top middle": (0, 1), "top right": (0, 2), "middle left": (1, 0), "centre": (1, 1),
               "middle right": (1, 2), "bottom left": (2, 0), "bottom middle": (2, 1), "bottom right": (2, 2)}
@@ -37,7 +39,9 @@ def cell_crop(img: np.ndarray, row: int, col: int, grid: int) -> np.ndarray:
 
 
 def nearest_colour(rgb: np.ndarray) -> str:
-    dist = {name: float(np.linalg.norm(rgb - ref)) for name, ref in PALETTE.items()}
+    """The palette colour of a pixel, in its full or its shaded (pattern) tone."""
+    dist = {name: min(float(np.linalg.norm(rgb - PALETTE[name])), float(np.linalg.norm(rgb - SHADED[name])))
+            for name in PALETTE}
     name = min(dist, key=dist.get)
     assert dist[name] < 60, f"pixel {rgb} is no palette colour (nearest {name} at {dist[name]:.0f})"
     return name
@@ -62,9 +66,11 @@ def classify_shape(mask: np.ndarray) -> str:
 
 
 def palette_mask(img: np.ndarray) -> np.ndarray:
-    """Pixels within 60 (RGB) of a palette colour: objects, never the textured backdrop or its clutter."""
+    """Pixels within 60 (RGB) of a palette colour or 40 of its shaded tone: objects, never the textured backdrop
+    or its clutter (every backdrop pixel is at least 47 from every shaded tone)."""
     pix = img.astype(np.int32)[..., None, :]
-    return (np.linalg.norm(pix - np.stack(list(PALETTE.values())), axis=-1) < 60).any(-1)
+    full = (np.linalg.norm(pix - np.stack(list(PALETTE.values())), axis=-1) < 60).any(-1)
+    return full | (np.linalg.norm(pix - np.stack(list(SHADED.values())), axis=-1) < 40).any(-1)
 
 
 def read_cell(img: np.ndarray, row: int, col: int, grid: int) -> str | None:
@@ -76,7 +82,8 @@ def read_cell(img: np.ndarray, row: int, col: int, grid: int) -> str | None:
         return None
     ys, xs = np.nonzero(fg)
     cy, cx = (ys.min() + ys.max()) // 2, (xs.min() + xs.max()) // 2
-    colour = nearest_colour(crop[cy - 1: cy + 2, cx - 1: cx + 2].reshape(-1, 3).mean(0))
+    centre = crop[cy - 1: cy + 2, cx - 1: cx + 2].reshape(-1, 3)
+    colour = Counter(nearest_colour(p) for p in centre).most_common(1)[0][0]  # full and shaded pixels alike
     return f"{colour} {classify_shape(fg)}"
 
 
@@ -258,7 +265,7 @@ def test_backdrop_is_textured_cluttered_and_never_a_palette_colour():
     assert 0.5 < np.mean(clutter) < 1.0  # most backdrops have specks (0-5 each)
     plain = syn.generate_images(4, seed=0, split="test", config=syn.ImageConfig(textured=False, jitter=False))
     assert all(s.backdrop is None and (s.image[~palette_mask(s.image)] == BG).all() for s in plain)
-    v = syn.make_video(3, 0, "test")
+    v = syn.make_video(3, 0, "test", config=syn.VideoConfig.rich())
     still = v.frames[:, ~palette_mask(v.frames).any(0)]
     assert (still == still[:1]).all() and still.std() > 1.0  # one textured backdrop, static through the video
 
@@ -272,7 +279,8 @@ def test_objects_span_several_patches_at_random_offsets():
     offsets = {(o.dy, o.dx) for o in objects}
     j = cfg.geometry.max_jitter
     assert j >= 5 and len(offsets) > 20 and all(abs(dy) <= j and abs(dx) <= j for dy, dx in offsets)
-    sprites = [sp for v in syn.generate_videos(20, seed=0, split="test", render=False) for sp in v.sprites]
+    rich = syn.VideoConfig.rich()
+    sprites = [sp for v in syn.generate_videos(20, seed=0, split="test", render=False, config=rich) for sp in v.sprites]
     assert len({(sp.dy, sp.dx) for sp in sprites}) > 10
 
 
@@ -535,3 +543,19 @@ def test_cli(tmp_path, capsys):
     assert "grid" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         syn.main([str(tmp_path), "--splits", "dev"])
+
+
+def test_every_patch_inside_an_object_shows_its_shape():
+    """Each shape has its own fill pattern, so any 14-px patch inside an object tells the shapes apart (the
+    outline alone needs several patches together); videos keep flat shapes until their model is retrained."""
+    px = syn.ImageConfig().geometry.object_px
+    for y in range(0, px - 14, 5):
+        for x in range(0, px - 14, 5):
+            windows = {s: syn.scene.fill_mask(s, px)[y:y + 14, x:x + 14].tobytes() for s in syn.SHAPES}
+            assert len(set(windows.values())) == len(syn.SHAPES), (y, x)
+    img = syn.make_image(0, 0, "test").image
+    assert palette_mask(img).sum() > (np.isin(img.reshape(-1, 3), np.stack(list(PALETTE.values()))).all(-1)).sum()
+    flat = syn.make_video(0, 0, "test").frames
+    assert not (np.linalg.norm(flat.astype(int)[..., None, :] - np.stack(list(SHADED.values())), axis=-1) < 3).any()
+    with pytest.raises(ValueError, match="unknown shape"):
+        syn.scene.fill_mask("star", px)

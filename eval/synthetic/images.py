@@ -60,6 +60,7 @@ class ImageConfig:
     max_objects: int = 5
     textured: bool = True
     jitter: bool = True
+    patterned: bool = True
 
     def __post_init__(self) -> None:
         check_geometry(self.size, self.grid)
@@ -206,7 +207,7 @@ def make_image(index: int, seed: int = 0, split: str = "train", config: ImageCon
         objects=objects,
         question=question,
         caption=caption(objects, config.grid),
-        image=render_objects(objects, config.geometry, backdrop),
+        image=render_objects(objects, config.geometry, backdrop, config.patterned),
         backdrop=backdrop,
     )
 

@@ -180,10 +180,11 @@ def blank(size: int, frames: int | None = None) -> np.ndarray:
     return out
 
 
-def paint(canvas: np.ndarray, colour: str | tuple[int, int, int], shape: str, y: int, x: int, px: int) -> None:
+def paint(canvas: np.ndarray, colour: str | tuple[int, int, int], shape: str, y: int, x: int, px: int,
+          patterned: bool = True) -> None:
     """Paint a `px`-wide `shape` in `colour` (a palette name or an RGB triple) with its top-left corner at pixel
-    (y, x), in place. A palette colour gets the shape's fill pattern (`fill_mask`); an RGB triple (the
-    backdrop's clutter) is painted flat.
+    (y, x), in place. A palette colour gets the shape's fill pattern (`fill_mask`) when `patterned`; an RGB
+    triple (the backdrop's clutter) is always painted flat.
 
     `canvas` is (H, W, 3) or (T, H, W, 3) (then every frame gets the object). Pixels outside are clipped.
     """
@@ -194,7 +195,9 @@ def paint(canvas: np.ndarray, colour: str | tuple[int, int, int], shape: str, y:
     window = (slice(y0 - y, y1 - y), slice(x0 - x, x1 - x))
     m = shape_mask(shape, px)[window]
     region = canvas[..., y0:y1, x0:x1, :]
-    if isinstance(colour, str):
+    if isinstance(colour, str) and not patterned:
+        region[..., m, :] = COLOURS[colour]
+    elif isinstance(colour, str):
         rgb = np.asarray(COLOURS[colour], dtype=np.float64)
         shade = fill_mask(shape, px)[window]
         region[..., m & ~shade, :] = rgb.astype(np.uint8)
@@ -252,13 +255,14 @@ def backdrop_image(backdrop: Backdrop | None, size: int, frames: int | None = No
 
 
 def render_objects(objects: tuple[Obj, ...] | list[Obj], geometry: Geometry,
-                   backdrop: Backdrop | None = None) -> np.ndarray:
-    """Render a still scene over `backdrop` (plain background for None): (size, size, 3) uint8 RGB."""
+                   backdrop: Backdrop | None = None, patterned: bool = True) -> np.ndarray:
+    """Render a still scene over `backdrop` (plain background for None), shapes filled with their patterns
+    unless `patterned` is False: (size, size, 3) uint8 RGB."""
     image = backdrop_image(backdrop, geometry.size)
     px = geometry.object_px
     for obj in objects:
         y, x = geometry.top_left(obj.row, obj.col, obj.dy, obj.dx)
-        paint(image, obj.colour, obj.shape, y, x, px)
+        paint(image, obj.colour, obj.shape, y, x, px, patterned)
     return image
 
 

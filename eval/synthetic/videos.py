@@ -50,15 +50,27 @@ DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
 class VideoConfig:
     """Frame size and grid, frame rate, the fewest frames a model samples, the frame counts per duration label as
     (label, min frames, max frames), and the look: `textured` (a textured, cluttered backdrop, the same in every
-    frame) and `jitter` (each object at its own pixel offset inside its cells)."""
+    frame), `jitter` (each object at its own pixel offset inside its cells) and `patterned` (each shape filled
+    with its pattern, `scene.fill_mask`).
 
-    size: int = 168
+    The defaults are the look the shipped video model was trained on (112 px, plain backdrop, flat shapes, the
+    generator's first version, reproduced exactly); `VideoConfig.rich()` is the look of the images (168 px,
+    12x12 patches a frame, textured, jittered, patterned), which the video model moves to once it is retrained
+    on it (issue 17)."""
+
+    size: int = 112
     grid: int = 3
     fps: int = 8
     min_sampled_frames: int = 8
     durations: tuple[tuple[str, int, int], ...] = field(default=DURATIONS)
-    textured: bool = True
-    jitter: bool = True
+    textured: bool = False
+    jitter: bool = False
+    patterned: bool = False
+
+    @classmethod
+    def rich(cls, **overrides) -> VideoConfig:
+        """The images' look for videos: 168 px, textured, jittered, patterned (`overrides` replace fields)."""
+        return cls(**{"size": 168, "textured": True, "jitter": True, "patterned": True, **overrides})
 
     def __post_init__(self) -> None:
         check_geometry(self.size, self.grid)
@@ -134,6 +146,7 @@ class VideoSample:
     geometry: Geometry
     frames: np.ndarray | None = None
     backdrop: Backdrop | None = None
+    patterned: bool = True
 
     @property
     def task(self) -> str:
@@ -147,7 +160,7 @@ class VideoSample:
         """The frames: (n_frames, size, size, 3) uint8."""
         if self.frames is not None:
             return self.frames
-        return render_video(self.sprites, self.n_frames, self.geometry, self.backdrop)
+        return render_video(self.sprites, self.n_frames, self.geometry, self.backdrop, self.patterned)
 
 
 def event_length(n_frames: int, min_sampled_frames: int) -> int:
@@ -156,22 +169,23 @@ def event_length(n_frames: int, min_sampled_frames: int) -> int:
 
 
 def render_video(sprites: Sequence[Sprite], n_frames: int, geometry: Geometry,
-                 backdrop: Backdrop | None = None) -> np.ndarray:
-    """Render frames over `backdrop` (plain background for None): (n_frames, size, size, 3) uint8 RGB."""
+                 backdrop: Backdrop | None = None, patterned: bool = True) -> np.ndarray:
+    """Render frames over `backdrop` (plain background for None), shapes filled with their patterns unless
+    `patterned` is False: (n_frames, size, size, 3) uint8 RGB."""
     frames = backdrop_image(backdrop, geometry.size, n_frames)
     px = geometry.object_px
     for sp in sprites:
         for a in sp.appearances:
             if not a.moving:
                 y, x = geometry.top_left(a.row, a.col, sp.dy, sp.dx)
-                paint(frames[a.start : a.stop], sp.colour, sp.shape, y, x, px)
+                paint(frames[a.start : a.stop], sp.colour, sp.shape, y, x, px, patterned)
                 continue
             span = max(a.stop - a.start - 1, 1)
             for t in range(a.start, a.stop):
                 f = (t - a.start) / span
                 y, x = geometry.top_left(a.row + f * (a.row_end - a.row), a.col + f * (a.col_end - a.col), sp.dy,
                                          sp.dx)
-                paint(frames[t], sp.colour, sp.shape, y, x, px)
+                paint(frames[t], sp.colour, sp.shape, y, x, px, patterned)
     return frames
 
 
@@ -406,6 +420,7 @@ def make_video(index: int, seed: int = 0, split: str = "train", config: VideoCon
     sample = VideoSample(
         uid=f"{split}_{task}_{index:06d}", split=split, index=index, duration=label, n_frames=n_frames,
         fps=config.fps, sprites=tuple(sprites), question=question, geometry=config.geometry, backdrop=backdrop,
+        patterned=config.patterned,
     )
     return replace(sample, frames=sample.render()) if render else sample
 
