@@ -265,7 +265,7 @@ def test_backdrop_is_textured_cluttered_and_never_a_palette_colour():
     assert 0.5 < np.mean(clutter) < 1.0  # most backdrops have specks (0-5 each)
     plain = syn.generate_images(4, seed=0, split="test", config=syn.ImageConfig(textured=False, jitter=False))
     assert all(s.backdrop is None and (s.image[~palette_mask(s.image)] == BG).all() for s in plain)
-    v = syn.make_video(3, 0, "test", config=syn.VideoConfig.rich())
+    v = syn.make_video(3, 0, "test", config=syn.VideoConfig.with_look("rich"))
     still = v.frames[:, ~palette_mask(v.frames).any(0)]
     assert (still == still[:1]).all() and still.std() > 1.0  # one textured backdrop, static through the video
 
@@ -279,7 +279,7 @@ def test_objects_span_several_patches_at_random_offsets():
     offsets = {(o.dy, o.dx) for o in objects}
     j = cfg.geometry.max_jitter
     assert j >= 5 and len(offsets) > 20 and all(abs(dy) <= j and abs(dx) <= j for dy, dx in offsets)
-    rich = syn.VideoConfig.rich()
+    rich = syn.VideoConfig.with_look("rich")
     sprites = [sp for v in syn.generate_videos(20, seed=0, split="test", render=False, config=rich) for sp in v.sprites]
     assert len({(sp.dy, sp.dx) for sp in sprites}) > 10
 
@@ -543,6 +543,24 @@ def test_cli(tmp_path, capsys):
     assert "grid" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         syn.main([str(tmp_path), "--splits", "dev"])
+    with pytest.raises(SystemExit):
+        syn.main([str(tmp_path), "--image-look", "glossy"])
+
+
+def test_cli_looks_default_to_the_shipped_models_and_can_be_chosen(tmp_path):
+    """Written data look like what each shipped model was trained on unless a look is asked for."""
+    def scenes(out):
+        return json.loads((out / "test" / "manifest.json").read_text())["parameters"]
+
+    assert syn.main([str(tmp_path / "d"), "--images", "1", "--videos", "1", "--progress-every", "0"]) == 0
+    assert scenes(tmp_path / "d")["image"] == syn.ImageConfig().to_dict()
+    assert scenes(tmp_path / "d")["video"]["size"] == syn.VideoConfig().size
+    assert syn.main([str(tmp_path / "p"), "--images", "1", "--videos", "0", "--progress-every", "0",
+                     "--image-look", "plain", "--image-size", "126"]) == 0
+    plain = scenes(tmp_path / "p")["image"]
+    assert plain == syn.ImageConfig.with_look("plain", size=126).to_dict() and not plain["patterned"]
+    with pytest.raises(ValueError, match="unknown look 'glossy'"):
+        syn.ImageConfig.with_look("glossy")
 
 
 def test_every_patch_inside_an_object_shows_its_shape():

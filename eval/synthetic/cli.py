@@ -11,8 +11,14 @@ import sys
 from .images import IMAGE_TASKS, ImageConfig
 from .layouts import write_benchmark
 from .mp4 import DEFAULT_CRF
+from .scene import LOOKS
 from .seeds import SPLITS
 from .videos import VIDEO_TASKS, VideoConfig
+
+
+def _look(config: ImageConfig | VideoConfig) -> str:
+    """The name of the look a config's defaults have."""
+    return next(name for name, fields in LOOKS.items() if all(getattr(config, k) == v for k, v in fields.items()))
 
 
 def _choices(known: tuple[str, ...]):
@@ -38,11 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=400, help="images per split (default 400)")
     p.add_argument("--videos", type=int, default=200, help="videos per split (default 200)")
     p.add_argument("--seed", type=int, default=0, help="base seed; each split derives its own (default 0)")
-    p.add_argument("--image-size", type=int, default=168, help="image side in pixels (default 168)")
-    p.add_argument("--video-size", type=int, default=168, help="video frame side in pixels, even (default 168)")
+    p.add_argument("--image-look", choices=sorted(LOOKS), default=_look(ImageConfig()),
+                   help="rich: 168 px, patterned shapes at random offsets on a textured, cluttered backdrop; plain: "
+                        "112 px, flat shapes centred on a plain backdrop (default: the shipped image model's, "
+                        "%(default)s)")
+    p.add_argument("--video-look", choices=sorted(LOOKS), default=_look(VideoConfig()),
+                   help="the same for video frames (default: the shipped video model's, %(default)s)")
+    p.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: the look's)")
+    p.add_argument("--video-size", type=int, default=None, help="video frame side, even (default: the look's)")
     p.add_argument("--grid", type=int, default=3, help="cells per side (default 3)")
-    p.add_argument("--plain", action="store_true",
-                   help="plain background, objects centred in their cells (generator version 1's look)")
     p.add_argument("--fps", type=int, default=8, help="video frame rate (default 8)")
     p.add_argument("--min-sampled-frames", type=int, default=8,
                    help="every event stays visible when a model samples this many frames uniformly (default 8)")
@@ -59,10 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        look = dict(textured=not args.plain, jitter=not args.plain)
-        image_config = ImageConfig(size=args.image_size, grid=args.grid, **look)
-        video_config = VideoConfig(size=args.video_size, grid=args.grid, fps=args.fps,
-                                   min_sampled_frames=args.min_sampled_frames, **look)
+        sizes = {"image": args.image_size, "video": args.video_size}
+        size = {k: {} if v is None else {"size": v} for k, v in sizes.items()}
+        image_config = ImageConfig.with_look(args.image_look, grid=args.grid, **size["image"])
+        video_config = VideoConfig.with_look(args.video_look, grid=args.grid, fps=args.fps,
+                                             min_sampled_frames=args.min_sampled_frames, **size["video"])
         if args.images < 0 or args.videos < 0 or args.seed < 0:
             raise ValueError("--images, --videos and --seed must be >= 0")
         for split in args.splits:

@@ -33,6 +33,7 @@ from .scene import (
     all_names,
     caption,
     check_geometry,
+    look_fields,
     position_phrase,
     render_objects,
 )
@@ -52,7 +53,9 @@ RELATIONS: dict[str, Callable[[Obj, Obj], bool]] = {
 class ImageConfig:
     """`size` x `size` pixels, a `grid` x `grid` cell layout, `min_objects`..`max_objects` objects per image;
     `textured`: a textured, cluttered backdrop (`scene.Backdrop`) instead of a plain one; `jitter`: objects sit
-    at random pixel offsets inside their cells instead of at the centre."""
+    at random pixel offsets inside their cells instead of at the centre; `patterned`: each shape filled with its
+    pattern (`scene.fill_mask`). The defaults are the look the shipped image model was trained on,
+    `scene.LOOKS["rich"]`; `ImageConfig.with_look("plain")` is the generator's first version."""
 
     size: int = 168
     grid: int = 3
@@ -76,6 +79,11 @@ class ImageConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def with_look(cls, look: str, **overrides) -> ImageConfig:
+        """A config with the fields of `scene.LOOKS[look]` ("plain" or "rich"), then `overrides`."""
+        return cls(**{**look_fields(look), **overrides})
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,14 @@ BACKDROP_RANGE: tuple[int, int] = (18, 90)
 #: object width / cell width
 OBJECT_FRACTION = 0.76
 
+#: the generator's looks, as config fields: "plain" is version 1's (flat shapes centred in their cells on the
+#: plain background, 112 px: 8x8 patches of 14 px); "rich" is like real content (168 px: 12x12 patches, objects
+#: of 9 to 16 patches at random offsets, each shape with its own fill pattern, textured and cluttered backdrop)
+LOOKS: dict[str, dict] = {
+    "plain": dict(size=112, textured=False, jitter=False, patterned=False),
+    "rich": dict(size=168, textured=True, jitter=True, patterned=True),
+}
+
 _ROW_WORDS = ("top", "middle", "bottom")
 _COL_WORDS = ("left", "middle", "right")
 
@@ -103,6 +111,13 @@ class Geometry:
         y, x = self.top_left(row, col)
         half = self.object_px // 2
         return y + half, x + half
+
+
+def look_fields(look: str) -> dict:
+    """The config fields of a look (`LOOKS`); ValueError naming the looks for anything else."""
+    if look not in LOOKS:
+        raise ValueError(f"unknown look {look!r}; expected one of {sorted(LOOKS)}")
+    return dict(LOOKS[look])
 
 
 def check_geometry(size: int, grid: int) -> None:

@@ -38,7 +38,17 @@ import numpy as np
 
 from .images import check_tasks
 from .questions import Question, arrange, shuffled
-from .scene import COLOURS, SHAPES, Backdrop, Geometry, all_names, backdrop_image, check_geometry, paint
+from .scene import (
+    COLOURS,
+    SHAPES,
+    Backdrop,
+    Geometry,
+    all_names,
+    backdrop_image,
+    check_geometry,
+    look_fields,
+    paint,
+)
 from .seeds import balanced_letter, check_split, item_rng, scene_split
 
 VIDEO_TASKS: tuple[str, ...] = ("needle", "order", "count", "direction", "final_corner")
@@ -53,10 +63,9 @@ class VideoConfig:
     frame), `jitter` (each object at its own pixel offset inside its cells) and `patterned` (each shape filled
     with its pattern, `scene.fill_mask`).
 
-    The defaults are the look the shipped video model was trained on (112 px, plain backdrop, flat shapes, the
-    generator's first version, reproduced exactly); `VideoConfig.rich()` is the look of the images (168 px,
-    12x12 patches a frame, textured, jittered, patterned), which the video model moves to once it is retrained
-    on it (issue 17)."""
+    The defaults are the look the shipped video model was trained on, `scene.LOOKS["plain"]` (the generator's
+    first version, reproduced exactly); `VideoConfig.with_look("rich")` is the images' look, which the video
+    model moves to once it is retrained on it (issue 17)."""
 
     size: int = 112
     grid: int = 3
@@ -68,9 +77,9 @@ class VideoConfig:
     patterned: bool = False
 
     @classmethod
-    def rich(cls, **overrides) -> VideoConfig:
-        """The images' look for videos: 168 px, textured, jittered, patterned (`overrides` replace fields)."""
-        return cls(**{"size": 168, "textured": True, "jitter": True, "patterned": True, **overrides})
+    def with_look(cls, look: str, **overrides) -> VideoConfig:
+        """A config with the fields of `scene.LOOKS[look]` ("plain" or "rich"), then `overrides`."""
+        return cls(**{**look_fields(look), **overrides})
 
     def __post_init__(self) -> None:
         check_geometry(self.size, self.grid)
