@@ -74,7 +74,8 @@ from .synthetic.scene import COLOURS, SHAPES, Geometry, all_names, position_phra
 
 COLOUR_NAMES = list(COLOURS)
 N_COLOUR, N_SHAPE = len(COLOURS) + 1, len(SHAPES) + 1  # + "nothing"
-EASY_IMAGE_TASKS = ("colour_at", "shape_at")
+#: the one-hop image tasks the curriculum starts with (`--easy-steps`), of whichever task set is trained
+EASY_IMAGE_TASKS = ("colour_of", "shape_of", "colour_at", "shape_at")
 
 
 # --- per-token labels ------------------------------------------------------------------------------------------
@@ -225,6 +226,10 @@ def relevant_objects(sample) -> list[tuple[str | None, str | None]]:
     out = [(c, s) for c, s in _NAME.findall(q.question)]
     if q.task in ("colour_at", "shape_at"):
         out += [(o.colour, o.shape) for o in sample.objects if position_phrase(o.row, o.col, 3) in q.question]
+    elif q.task == "colour_of":
+        out.append((None, q.question.rstrip("?").split()[-1]))
+    elif q.task == "shape_of":
+        out.append((q.question.split()[4], None))
     elif q.task == "count_colour":
         out.append((q.question.split()[2], None))
     elif q.task == "needle":
@@ -839,7 +844,8 @@ def main(argv: list[str] | None = None) -> int:
         return total if total is None or args.stop_at is None else min(total, args.stop_at)
 
     while total is None or step < end():
-        tasks = EASY_IMAGE_TASKS if (kind == "image" and step < easy) else data.tasks
+        easy_tasks = [t for t in data.tasks if t in EASY_IMAGE_TASKS] or data.tasks
+        tasks = easy_tasks if (kind == "image" and step < easy) else data.tasks
         frac = args.reduce_frac if step >= args.reduce_start else 0.0
         reduction = A.draw(np.random.default_rng([args.seed, 31, step]), frac, args.reduce_methods, args.reduce_keep)
         inputs = {k: v.to(device) for k, v in data.make(step, tasks, tokenizer, model, reduction).items()}

@@ -25,7 +25,16 @@ Throughput on this 2-core CPU, one process: about 5,000 images/s in memory at 11
 as mp4 (both layouts) and 1,000 images/s as PNG.
 """
 
-from .images import IMAGE_TASKS, RELATIONS, ImageConfig, ImageSample, generate_images, make_image
+from .images import (
+    ALL_IMAGE_TASKS,
+    IMAGE_TASKS,
+    POSITION_TASKS,
+    RELATIONS,
+    ImageConfig,
+    ImageSample,
+    generate_images,
+    make_image,
+)
 from .layouts import (
     GENERATOR_VERSION,
     IMAGE_FIELDS,
@@ -80,7 +89,9 @@ __all__ = [
     "DURATIONS",
     "GENERATOR_VERSION",
     "IMAGE_FIELDS",
+    "ALL_IMAGE_TASKS",
     "IMAGE_TASKS",
+    "POSITION_TASKS",
     "LETTERS",
     "MLVU_FIELDS",
     "MLVU_LMMS_FIELDS",

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .images import IMAGE_TASKS, ImageConfig
+from .images import ALL_IMAGE_TASKS, IMAGE_TASKS, ImageConfig
 from .layouts import write_benchmark
 from .mp4 import DEFAULT_CRF
 from .scene import LOOKS
@@ -58,8 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every event stays visible when a model samples this many frames uniformly (default 8)")
     p.add_argument("--crf", type=int, default=DEFAULT_CRF,
                    help=f"x264 quality, lower is better (default {DEFAULT_CRF})")
-    p.add_argument("--image-tasks", type=_choices(IMAGE_TASKS), default=IMAGE_TASKS,
-                   help=f"comma-separated, from {','.join(IMAGE_TASKS)}")
+    p.add_argument("--image-tasks", type=_choices(ALL_IMAGE_TASKS), default=IMAGE_TASKS,
+                   help=f"comma-separated, from {','.join(ALL_IMAGE_TASKS)} (default: {','.join(IMAGE_TASKS)})")
     p.add_argument("--video-tasks", type=_choices(VIDEO_TASKS), default=VIDEO_TASKS,
                    help=f"comma-separated, from {','.join(VIDEO_TASKS)}")
     p.add_argument("--progress-every", type=int, default=50, help="print a progress line every N items (0: never)")

@@ -1,6 +1,22 @@
 """Still images with four-option questions that need one specific region.
 
-Tasks (one question per image, cycling through `IMAGE_TASKS` by item index):
+Tasks (one question per image, cycling through the chosen tasks by item index; `IMAGE_TASKS`, the default, are
+the ones the shipped image model answers, `ALL_IMAGE_TASKS` every one):
+
+- `colour_of`: "What colour is the circle?" (a shape the scene has once); options are colours, the scene's
+  other colours first.
+- `shape_of`: "What shape is the red object?" (a colour the scene has once); options are shapes, the scene's
+  other shapes first.
+- `present`: "Which of these objects is in the picture?"; options are object names, one in the scene, and three
+  that are not, those sharing a colour or a shape with a scene object first (so colour and shape must be read
+  together).
+- `count_colour`: "How many blue objects are there?"; options are counts 0..max(max_objects, 3); the colour
+  asked about is in the scene in about 3 of 4 questions.
+
+These four are about what the picture shows, wherever it is, as most questions to real VLMs are: any patch of
+the object answers, so they stay answerable when a reducer keeps part of an object, and fail when it keeps
+none. The generator's first version asked by position (the shipped models before issue 17 were trained on
+these; a model has to read a token's place in the grid to answer them):
 
 - `colour_at`: "What colour is the object at the top left?"; options are colours, the scene's other colours
   first, then absent ones.
@@ -8,8 +24,6 @@ Tasks (one question per image, cycling through `IMAGE_TASKS` by item index):
 - `relation`: "Which object is left of the red circle?" (left of / right of / above / below); options are object
   names, first scene objects for which the relation is false, then objects not in the scene: exactly one
   option is true.
-- `count_colour`: "How many blue objects are there?"; options are counts 0..max(max_objects, 3); the colour
-  asked about is in the scene in about 3 of 4 questions.
 
 "left of" compares columns only (any row), "above" rows only. Objects in one scene have distinct names
 ("red circle"), so a name identifies an object. Every sample also carries a caption naming every object with
@@ -39,7 +53,9 @@ from .scene import (
 )
 from .seeds import balanced_letter, check_split, item_rng, scene_split
 
-IMAGE_TASKS: tuple[str, ...] = ("colour_at", "shape_at", "relation", "count_colour")
+IMAGE_TASKS: tuple[str, ...] = ("colour_of", "shape_of", "present", "count_colour")
+#: the first version's tasks (questions by position)
+POSITION_TASKS: tuple[str, ...] = ("colour_at", "shape_at", "relation", "count_colour")
 
 RELATIONS: dict[str, Callable[[Obj, Obj], bool]] = {
     "left of": lambda a, b: a.col < b.col,
@@ -173,12 +189,57 @@ def ask_count_colour(objects: Sequence[Obj], config: ImageConfig, rng: np.random
     return arrange("count_colour", text, str(count), shuffled(numbers, rng), letter, rng)
 
 
+def _ask_attribute_of(objects: Sequence[Obj], rng: np.random.Generator, letter: int, attr: str, by: str,
+                      vocabulary: Sequence[str]) -> Question | None:
+    """"What <attr> is the <by-value> ...?" about an object whose `by` value the scene has once; None when no
+    object has a unique one. Distractors: the scene's other `attr` values first, then absent ones."""
+    counts: dict[str, int] = {}
+    for o in objects:
+        counts[getattr(o, by)] = counts.get(getattr(o, by), 0) + 1
+    unique = [o for o in objects if counts[getattr(o, by)] == 1]
+    if not unique:
+        return None
+    target = _pick(rng, unique)
+    answer = getattr(target, attr)
+    in_scene = [v for v in dict.fromkeys(getattr(o, attr) for o in objects) if v != answer]
+    absent = [v for v in vocabulary if v not in in_scene and v != answer]
+    key = getattr(target, by)
+    text = f"What colour is the {key}?" if attr == "colour" else f"What shape is the {key} object?"
+    return arrange(f"{attr}_of", text, answer, shuffled(in_scene, rng) + shuffled(absent, rng), letter, rng)
+
+
+def ask_colour_of(objects: Sequence[Obj], config: ImageConfig, rng: np.random.Generator,
+                  letter: int) -> Question | None:
+    return _ask_attribute_of(objects, rng, letter, "colour", "shape", COLOURS)
+
+
+def ask_shape_of(objects: Sequence[Obj], config: ImageConfig, rng: np.random.Generator,
+                 letter: int) -> Question | None:
+    return _ask_attribute_of(objects, rng, letter, "shape", "colour", SHAPES)
+
+
+def ask_present(objects: Sequence[Obj], config: ImageConfig, rng: np.random.Generator, letter: int) -> Question:
+    target = _pick(rng, objects)
+    names = {o.name for o in objects}
+    colours, shapes = {o.colour for o in objects}, {o.shape for o in objects}
+    absent = [n for n in all_names() if n not in names]
+    near = [n for n in absent if n.split()[0] in colours or n.split()[1] in shapes]
+    far = [n for n in absent if n not in near]
+    text = "Which of these objects is in the picture?"
+    return arrange("present", text, target.name, shuffled(near, rng) + shuffled(far, rng), letter, rng)
+
+
 ASK: dict[str, Callable[..., Question | None]] = {
+    "colour_of": ask_colour_of,
+    "shape_of": ask_shape_of,
+    "present": ask_present,
+    "count_colour": ask_count_colour,
     "colour_at": ask_colour_at,
     "shape_at": ask_shape_at,
     "relation": ask_relation,
-    "count_colour": ask_count_colour,
 }
+#: every task the generator can ask
+ALL_IMAGE_TASKS: tuple[str, ...] = tuple(ASK)
 
 
 def check_tasks(tasks: Sequence[str], known: Sequence[str]) -> tuple[str, ...]:
@@ -194,7 +255,7 @@ def make_image(index: int, seed: int = 0, split: str = "train", config: ImageCon
     """Item `index` of the image set of `split` (deterministic; independent of every other item)."""
     config = config or ImageConfig()
     check_split(split)
-    tasks = check_tasks(tasks, IMAGE_TASKS)
+    tasks = check_tasks(tasks, ALL_IMAGE_TASKS)
     task = tasks[index % len(tasks)]
     rng = item_rng(seed, split, "image", index)
     letter = balanced_letter(seed, split, "image", index)

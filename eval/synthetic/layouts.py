@@ -49,7 +49,7 @@ from typing import Any, TextIO
 import numpy as np
 from PIL import Image
 
-from .images import IMAGE_TASKS, ImageConfig, ImageSample, check_tasks, make_image
+from .images import ALL_IMAGE_TASKS, IMAGE_TASKS, ImageConfig, ImageSample, check_tasks, make_image
 from .mp4 import DEFAULT_CRF, write_mp4
 from .seeds import LETTERS, check_split, split_seed
 from .videos import VIDEO_TASKS, VideoConfig, VideoSample, make_video
@@ -81,7 +81,8 @@ MLVU_TASKS = {
     "final_corner": ("11_final_corner", "final_corner"),
 }
 IMAGE_TASK_FILES = {"colour_at": "1_colour_at", "shape_at": "2_shape_at", "relation": "3_relation",
-                    "count_colour": "4_count_colour"}
+                    "count_colour": "4_count_colour", "colour_of": "5_colour_of", "shape_of": "6_shape_of",
+                    "present": "7_present"}
 
 
 # --- small file helpers -----------------------------------------------------------------------------------------
@@ -255,7 +256,7 @@ def write_benchmark(out_dir: str | os.PathLike, split: str = "test", n_images: i
         raise ValueError(f"n_images and n_videos must be >= 0, got {n_images}, {n_videos}")
     image_config = image_config or ImageConfig()
     video_config = video_config or VideoConfig()
-    image_tasks = check_tasks(image_tasks, IMAGE_TASKS)
+    image_tasks = check_tasks(image_tasks, ALL_IMAGE_TASKS)
     video_tasks = check_tasks(video_tasks, VIDEO_TASKS)
     root = Path(out_dir) / split
     parameters = _parameters(seed, split, image_config, video_config, crf, image_tasks, video_tasks)
