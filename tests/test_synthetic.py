@@ -118,6 +118,17 @@ def true_options_for_image(question: syn.Question, img: np.ndarray, grid: int) -
     if question.task == "shape_at":
         name = seen[parse_cell(q, grid)]
         return [i for i, o in enumerate(question.options) if name.split()[1] == o]
+    if question.task == "colour_of":
+        shape = re.fullmatch(r"What colour is the (\w+)\?", q).group(1)
+        (name,) = [n for n in seen.values() if n.split()[1] == shape]  # the scene has that shape once
+        return [i for i, o in enumerate(question.options) if name.split()[0] == o]
+    if question.task == "shape_of":
+        colour = re.fullmatch(r"What shape is the (\w+) object\?", q).group(1)
+        (name,) = [n for n in seen.values() if n.split()[0] == colour]  # the scene has that colour once
+        return [i for i, o in enumerate(question.options) if name.split()[1] == o]
+    if question.task == "present":
+        assert q == "Which of these objects is in the picture?"
+        return [i for i, o in enumerate(question.options) if o in seen.values()]
     if question.task == "count_colour":
         colour = re.fullmatch(r"How many (\w+) objects are there\?", q).group(1)
         n = sum(name.split()[0] == colour for name in seen.values())
@@ -301,7 +312,8 @@ def test_answer_letters_balanced_and_options_distinct():
 @pytest.mark.parametrize("size,grid", [(112, 3), (224, 3), (112, 4)])
 def test_image_answers_are_true_of_the_pixels(size, grid):
     config = syn.ImageConfig(size=size, grid=grid)
-    samples = syn.generate_images(120, seed=2, split="test", config=config)
+    samples = syn.generate_images(140, seed=2, split="test", config=config, tasks=syn.ALL_IMAGE_TASKS)
+    assert {s.task for s in samples} == set(syn.ALL_IMAGE_TASKS)
     for s in samples:
         assert s.image.shape == (size, size, 3) and s.image.dtype == np.uint8
         true = true_options_for_image(s.question, s.image, grid)

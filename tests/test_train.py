@@ -168,11 +168,11 @@ def test_vision_lr_scale_gives_the_vision_tower_and_projector_their_own_rate(ima
 
 
 def test_task_weights_set_each_tasks_share_of_the_training_samples(tmp_path: Path):
-    args = T.parse_args(["--model", "image", "--out", str(tmp_path), "--task-weights", "relation=3",
+    args = T.parse_args(["--model", "image", "--out", str(tmp_path), "--task-weights", "present=3",
                          "count_colour=2"])
-    assert args.tasks == ("colour_at", "shape_at", "relation", "relation", "relation", "count_colour", "count_colour")
+    assert args.tasks == ("colour_of", "shape_of", "present", "present", "present", "count_colour", "count_colour")
     drawn = [s.task for s in syn.generate_images(14, split="train", start=70, tasks=args.tasks)]
-    assert {t: drawn.count(t) for t in syn.IMAGE_TASKS} == {"colour_at": 2, "shape_at": 2, "relation": 6,
+    assert {t: drawn.count(t) for t in syn.IMAGE_TASKS} == {"colour_of": 2, "shape_of": 2, "present": 6,
                                                            "count_colour": 4}
     assert T.parse_args(["--model", "image", "--out", str(tmp_path)]).tasks == syn.IMAGE_TASKS  # uniform default
 
@@ -211,8 +211,8 @@ def test_stop_at_ends_the_run_early_on_the_full_schedule(tmp_path: Path, capsys)
     (["--model", "image", "--out", "x", "--steps", "10", "--restart-steps", "30", "--stop-at", "0"],
      "must be in 1..40"),
     (["--model", "video", "--out", "x", "--task-weights", "relation=2"], "unknown task 'relation'"),
-    (["--model", "image", "--out", "x", "--task-weights", "relation=0"], "positive integer weight"),
-    (["--model", "image", "--out", "x", "--task-weights", "relation"], "positive integer weight"),
+    (["--model", "image", "--out", "x", "--task-weights", "present=0"], "positive integer weight"),
+    (["--model", "image", "--out", "x", "--task-weights", "present"], "positive integer weight"),
 ])
 def test_bad_training_flags_are_clear_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
