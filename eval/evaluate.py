@@ -171,7 +171,7 @@ def answerer_for(model, tokenizer) -> Answerer:
     key = id(model)
     if key not in _ANSWERERS or _ANSWERERS[key].model is not model:
         image = model.config.model_type == "llava"
-        processor = M.build_image_processor(tokenizer) if image else None
+        processor = M.build_image_processor(tokenizer, model.config.vision_config.image_size) if image else None
         from .answer import weights_fingerprint
 
         _ANSWERERS[key] = Answerer(model, tokenizer, processor, fingerprint=weights_fingerprint(model),
