@@ -155,9 +155,11 @@ class Batches:
     """Deterministic training batches: item `i` of the train split; each batch's prompt protocol is drawn from a
     seeded stream (one per batch, so the batch's prompts have similar lengths and little padding)."""
 
-    def __init__(self, kind: str, seed: int, batch: int, tasks: tuple[str, ...], open_frac: float = 0.0) -> None:
+    def __init__(self, kind: str, seed: int, batch: int, tasks: tuple[str, ...], open_frac: float = 0.0,
+                 look: str | None = None) -> None:
         self.kind, self.seed, self.batch, self.tasks, self.open_frac = kind, seed, batch, tasks, open_frac
         self.protocols = M_PROTOCOLS[kind]
+        self.config = data_config(kind, look)
 
     def make(self, step: int, tasks: tuple[str, ...], tokenizer, model, reduction: A.Reduction | None = None
              ) -> dict[str, torch.Tensor]:
@@ -168,12 +170,14 @@ class Batches:
         rng = np.random.default_rng([self.seed, step])
         side = grid_side(model)
         if self.kind == "image":
-            samples = syn.generate_images(self.batch, seed=self.seed, split="train", start=start, tasks=tasks)
+            samples = syn.generate_images(self.batch, seed=self.seed, split="train", start=start, tasks=tasks,
+                                          config=self.config)
             visuals = np.stack([s.image for s in samples])
             labels = np.stack([image_token_labels(s, side) for s in samples])
             frames = 1
         else:
-            samples = syn.generate_videos(self.batch, seed=self.seed, split="train", start=start, tasks=tasks)
+            samples = syn.generate_videos(self.batch, seed=self.seed, split="train", start=start, tasks=tasks,
+                                          config=self.config)
             idx = [np.linspace(0, s.n_frames - 1, M.NUM_FRAMES, dtype=np.int64) for s in samples]
             visuals = np.stack([s.frames[i] for s, i in zip(samples, idx)])
             labels = np.stack([video_token_labels(s, i, side) for s, i in zip(samples, idx)])
@@ -451,10 +455,21 @@ def embed(model, input_ids: torch.Tensor, visual: torch.Tensor, visual_id: int) 
 # --- validation --------------------------------------------------------------------------------------------------
 
 
-def validation_set(kind: str, n: int, seed: int = 0):
+def data_config(kind: str, look: str | None = None) -> syn.ImageConfig | syn.VideoConfig:
+    """The generator config of `kind` in `look` (`scene.LOOKS`; None: the config's defaults)."""
+    cls = syn.ImageConfig if kind == "image" else syn.VideoConfig
+    return cls() if look is None else cls.with_look(look)
+
+
+def validation_set(kind: str, n: int, seed: int = 0, look: str | None = None,
+                   tasks: Sequence[str] | None = None):
+    """`n` validation items of the training look and tasks (each task once in the cycle, whatever its weight)."""
+    config = data_config(kind, look)
     if kind == "image":
-        return syn.generate_images(n, seed=seed, split="validation")
-    return syn.generate_videos(n, seed=seed, split="validation")
+        return syn.generate_images(n, seed=seed, split="validation", config=config,
+                                   tasks=tuple(dict.fromkeys(tasks or syn.IMAGE_TASKS)))
+    return syn.generate_videos(n, seed=seed, split="validation", config=config,
+                               tasks=tuple(dict.fromkeys(tasks or syn.VIDEO_TASKS)))
 
 
 #: generic reductions validation also scores (on the MLVU protocol): a random half, and pooling to about 11%
@@ -659,6 +674,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a shipped model's recipe (sets --model and the training flags below)")
     p.add_argument("--model", choices=M.KINDS, default=None, help="required unless --recipe")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--look", choices=sorted(syn.LOOKS), default=None,
+                   help="the generated data's look (default: the one the shipped model of --model was trained on)")
+    p.add_argument("--tasks", type=lambda s: tuple(t.strip() for t in s.split(",") if t.strip()), default=None,
+                   help="comma-separated tasks to train on (default: the shipped model's; --task-weights weighs them)")
     p.add_argument("--minutes", type=float, default=50.0, help="training time budget (sets the schedule length)")
     p.add_argument("--steps", type=int, default=None, help="fixed number of steps instead of --minutes")
     p.add_argument("--out", required=True)
@@ -747,7 +766,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.reduce_methods = ("drop", "pool", "merge") + (("time",) if args.model == "video" else ())
     args.reduce_methods = tuple(args.reduce_methods)
     try:
-        args.tasks = task_mix(syn.IMAGE_TASKS if args.model == "image" else syn.VIDEO_TASKS, args.task_weights)
+        known = syn.ALL_IMAGE_TASKS if args.model == "image" else syn.VIDEO_TASKS
+        base = args.tasks or (syn.IMAGE_TASKS if args.model == "image" else syn.VIDEO_TASKS)
+        unknown = [t for t in base if t not in known]
+        if unknown:
+            raise ValueError(f"--tasks: unknown {args.model} task {unknown[0]!r} (tasks: {', '.join(known)})")
+        args.tasks = task_mix(base, args.task_weights)
     except ValueError as e:
         p.error(str(e))
     peaks = args.restart_lr or [args.lr / 2]
@@ -785,8 +809,8 @@ def main(argv: list[str] | None = None) -> int:
     visual_id = tokenizer.convert_tokens_to_ids("<image>" if kind == "image" else "<video>")
     if args.attn_weight > 0 or args.route_weight > 0:  # attention probabilities needed; export reloads with sdpa
         model.set_attn_implementation("eager")
-    data = Batches(kind, args.seed, batch, args.tasks, args.open_frac)
-    val = validation_set(kind, args.val_size or (256 if kind == "image" else 120))
+    data = Batches(kind, args.seed, batch, args.tasks, args.open_frac, args.look)
+    val = validation_set(kind, args.val_size or (256 if kind == "image" else 120), look=args.look, tasks=args.tasks)
     n_params = sum(p.numel() for p in model.parameters())
     state_path = out / "state.pt"
     step, best, elapsed, history = 0, -1.0, 0.0, []
@@ -832,7 +856,8 @@ def main(argv: list[str] | None = None) -> int:
                     "batch": batch, "parameters": n_params, "seed": args.seed, "device": args.device,
                     "precision": args.precision, "threads": args.threads,
                     M.PROMPT_FORMS_KEY: [*M_PROTOCOLS[kind], *(["open"] if args.open_frac > 0 else [])],
-                    M.VOCABULARY_KEY: "closed"}
+                    M.VOCABULARY_KEY: "closed", "look": args.look or syn.look_of(data.config),
+                    "tasks": list(dict.fromkeys(args.tasks))}
             save_pretrained_atomic(model, tokenizer, out / "best", card)
             print(f"[val] new best {best:.3f} saved to {out / 'best'}", flush=True)
         (out / "history.json").write_text(json.dumps(history, indent=1) + "\n")

@@ -196,6 +196,20 @@ def test_stop_at_ends_the_run_early_on_the_full_schedule(tmp_path: Path, capsys)
     assert "resumed at step 3/6" in again and not any(line.startswith("step ") for line in again.splitlines())
 
 
+def test_look_and_tasks_choose_the_training_data(tmp_path: Path):
+    """--look and --tasks pick what the batches and the validation set are drawn from (the shipped video model's
+    retraining on the rich look is this); the defaults are the shipped models' own."""
+    args = T.parse_args(["--model", "image", "--out", str(tmp_path), "--look", "plain", "--tasks",
+                         "colour_at,relation", "--task-weights", "relation=2"])
+    assert args.tasks == ("colour_at", "relation", "relation")
+    val = T.validation_set("image", 4, look=args.look, tasks=args.tasks)
+    assert [s.task for s in val] == ["colour_at", "relation"] * 2 and val[0].image.shape == (112, 112, 3)
+    assert T.Batches("image", 0, 2, args.tasks, look="plain").config == syn.ImageConfig.with_look("plain")
+    default = T.parse_args(["--model", "video", "--out", str(tmp_path)])
+    assert default.look is None and default.tasks == syn.VIDEO_TASKS
+    assert T.data_config("video", "rich").size == 168 and T.data_config("video").size == syn.VideoConfig().size
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--out", "x"], "--model is required"),
     (["--model", "image", "--reduce-frac", "2", "--out", "x"], "--reduce-frac must be in [0, 1]"),
@@ -213,6 +227,8 @@ def test_stop_at_ends_the_run_early_on_the_full_schedule(tmp_path: Path, capsys)
     (["--model", "video", "--out", "x", "--task-weights", "relation=2"], "unknown task 'relation'"),
     (["--model", "image", "--out", "x", "--task-weights", "present=0"], "positive integer weight"),
     (["--model", "image", "--out", "x", "--task-weights", "present"], "positive integer weight"),
+    (["--model", "image", "--out", "x", "--tasks", "colour_at,needle"], "unknown image task 'needle'"),
+    (["--model", "image", "--out", "x", "--look", "glossy"], "invalid choice: 'glossy'"),
 ])
 def test_bad_training_flags_are_clear_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:

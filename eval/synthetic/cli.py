@@ -11,14 +11,9 @@ import sys
 from .images import ALL_IMAGE_TASKS, IMAGE_TASKS, ImageConfig
 from .layouts import write_benchmark
 from .mp4 import DEFAULT_CRF
-from .scene import LOOKS
+from .scene import LOOKS, look_of
 from .seeds import SPLITS
 from .videos import VIDEO_TASKS, VideoConfig
-
-
-def _look(config: ImageConfig | VideoConfig) -> str:
-    """The name of the look a config's defaults have."""
-    return next(name for name, fields in LOOKS.items() if all(getattr(config, k) == v for k, v in fields.items()))
 
 
 def _choices(known: tuple[str, ...]):
@@ -44,11 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=400, help="images per split (default 400)")
     p.add_argument("--videos", type=int, default=200, help="videos per split (default 200)")
     p.add_argument("--seed", type=int, default=0, help="base seed; each split derives its own (default 0)")
-    p.add_argument("--image-look", choices=sorted(LOOKS), default=_look(ImageConfig()),
+    p.add_argument("--image-look", choices=sorted(LOOKS), default=look_of(ImageConfig()),
                    help="rich: 168 px, patterned shapes at random offsets on a textured, cluttered backdrop; plain: "
                         "112 px, flat shapes centred on a plain backdrop (default: the shipped image model's, "
                         "%(default)s)")
-    p.add_argument("--video-look", choices=sorted(LOOKS), default=_look(VideoConfig()),
+    p.add_argument("--video-look", choices=sorted(LOOKS), default=look_of(VideoConfig()),
                    help="the same for video frames (default: the shipped video model's, %(default)s)")
     p.add_argument("--image-size", type=int, default=None, help="image side in pixels (default: the look's)")
     p.add_argument("--video-size", type=int, default=None, help="video frame side, even (default: the look's)")

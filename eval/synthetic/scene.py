@@ -120,6 +120,14 @@ def look_fields(look: str) -> dict:
     return dict(LOOKS[look])
 
 
+def look_of(config) -> str:
+    """The name of the look (`LOOKS`) an image or video config has, or "custom" when it matches none."""
+    for name, fields in LOOKS.items():
+        if all(getattr(config, k) == v for k, v in fields.items()):
+            return name
+    return "custom"
+
+
 def check_geometry(size: int, grid: int) -> None:
     """Raise ValueError for a picture too small or a grid too coarse/fine to draw recognisable shapes."""
     if not isinstance(grid, int) or grid < 2:
