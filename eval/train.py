@@ -610,7 +610,7 @@ def rss_gib() -> float:
 
 #: the shipped models' recipes: fixed flags, so one command reproduces them (explicit flags override)
 RECIPES: dict[str, dict] = {
-    "image": dict(model="image", seed=0, steps=2500, batch=32, lr=1e-3, warmup=150, easy_steps=300,
+    "image": dict(model="image", seed=0, steps=2500, stop_at=1800, batch=32, lr=1e-3, warmup=150, easy_steps=300,
                   attn_weight=1.0, route_weight=0.3, teacher_frac=0.5, teacher_steps=1600, teacher_weight=1.0,
                   reduce_frac=0.5, cls_weight=0.5, val_size=256, val_every=200),
     "video": dict(model="video", seed=0, steps=1800, batch=32, lr=1.5e-3, warmup=150,
