@@ -38,7 +38,7 @@ weights (1.7x faster per step on this AVX512-BF16 CPU); the saved model is float
 
 Measured here: with the answer loss alone (plus the probe) a tiny LLaVA stays at chance for 1000+ steps; binding
 the question to the right tokens and the answer to the right letter is the hard part. A curriculum starts the
-image model on the one-hop tasks (colour_at, shape_at) before adding relation and count_colour.
+image model on the one-hop tasks (colour_of, shape_of) before adding present and count_colour.
 
 Checkpoints: `OUT/state.pt` (model, optimiser, schedule, step, data position, best score), written atomically
 every `--save-every` steps and after each validation, so a killed run resumes where it stopped; `OUT/best/` is
