@@ -115,12 +115,12 @@ def test_list_shows_every_reducer(capsys):
 
 
 def test_the_run_example_answers_as_the_readme_says(capsys):
-    """README, Command line: on shapes.png the image model chooses (B) red unreduced and (A) blue under
-    hired(keep=0.5), the command the README shows."""
+    """README, Command line: on shapes.png the image model chooses (B) white unreduced and under
+    pool(keep=0.111), and (D) yellow under hired(keep=0.111), the command the README shows."""
     argv = next(a for a in COMMANDS if a[:2] == ["tokenreduce", "run"] and "shapes.png" in " ".join(a))
-    assert "hired(keep=0.5)" in argv
+    assert "hired(keep=0.111)" in argv
     text = README.read_text()
-    for plan, choice in (("hired(keep=0.5)", "(A) blue"), ("none", "(B) red")):
+    for plan, choice in (("hired(keep=0.111)", "(D) yellow"), ("none", "(B) white"), ("pool(keep=0.111)", "(B) white")):
         args = list(argv[1:])
         args[args.index("--plan") + 1] = plan
         assert main(args) == 0
