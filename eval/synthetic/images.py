@@ -47,6 +47,7 @@ from .scene import (
     all_names,
     caption,
     check_geometry,
+    dress,
     look_fields,
     position_phrase,
     render_objects,
@@ -268,7 +269,7 @@ def make_image(index: int, seed: int = 0, split: str = "train", config: ImageCon
             break
     else:  # pragma: no cover - every task is feasible on most scenes
         raise RuntimeError(f"no scene for task {task!r} in 10000 draws")
-    objects, backdrop = dress(objects, config, rng)
+    objects, backdrop = dress(objects, config.geometry, config.jitter, config.textured, rng)
     return ImageSample(
         uid=f"{split}_{task}_{index:06d}",
         split=split,
@@ -279,18 +280,6 @@ def make_image(index: int, seed: int = 0, split: str = "train", config: ImageCon
         image=render_objects(objects, config.geometry, backdrop, config.patterned),
         backdrop=backdrop,
     )
-
-
-def dress(objects: Sequence[Obj], config: ImageConfig, rng: np.random.Generator
-          ) -> tuple[tuple[Obj, ...], Backdrop | None]:
-    """The drawn scene's pixel offsets (`config.jitter`) and backdrop (`config.textured`), drawn after the scene
-    and its question so that these never change which scene or question an item gets."""
-    j = config.geometry.max_jitter if config.jitter else 0
-    if j:
-        objects = tuple(replace(o, dy=int(rng.integers(-j, j + 1)), dx=int(rng.integers(-j, j + 1)))
-                        for o in objects)
-    backdrop = Backdrop(int(rng.integers(2**31))) if config.textured else None
-    return tuple(objects), backdrop
 
 
 def generate_images(n: int, seed: int = 0, split: str = "train", size: int | None = None, *, start: int = 0,

@@ -19,7 +19,7 @@ patch-14 tower each way (9 to 16 of its 144 tokens); at 112 px they are 37 and 2
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import numpy as np
@@ -266,6 +266,16 @@ class Backdrop:
             sy, sx = (int(v) for v in rng.integers(0, size - px, size=2))
             paint(out, CLUTTER[int(rng.integers(len(CLUTTER)))], SHAPES[int(rng.integers(len(SHAPES)))], sy, sx, px)
         return out
+
+
+def dress(things, geometry: Geometry, jitter: bool, textured: bool, rng: np.random.Generator):
+    """The look of a drawn scene, drawn after the scene and its question so that it never changes which scene or
+    question an item gets: each object or sprite (anything with `dy`/`dx`) at a random pixel offset inside its
+    cell when `jitter`, then the backdrop when `textured`. Returns (tuple of things, Backdrop or None)."""
+    j = geometry.max_jitter if jitter else 0
+    if j:
+        things = [replace(t, dy=int(rng.integers(-j, j + 1)), dx=int(rng.integers(-j, j + 1))) for t in things]
+    return tuple(things), (Backdrop(int(rng.integers(2**31))) if textured else None)
 
 
 def backdrop_image(backdrop: Backdrop | None, size: int, frames: int | None = None) -> np.ndarray:

@@ -46,6 +46,7 @@ from .scene import (
     all_names,
     backdrop_image,
     check_geometry,
+    dress,
     look_fields,
     paint,
 )
@@ -422,10 +423,7 @@ def make_video(index: int, seed: int = 0, split: str = "train", config: VideoCon
     else:
         raise RuntimeError(f"no {task!r} video with {lo}-{hi} frames fits a {config.grid}x{config.grid} grid "
                            f"with min_sampled_frames={config.min_sampled_frames}")
-    j = config.geometry.max_jitter if config.jitter else 0  # drawn after the scene: it never changes the scene
-    if j:
-        sprites = [replace(sp, dy=int(rng.integers(-j, j + 1)), dx=int(rng.integers(-j, j + 1))) for sp in sprites]
-    backdrop = Backdrop(int(rng.integers(2**31))) if config.textured else None
+    sprites, backdrop = dress(sprites, config.geometry, config.jitter, config.textured, rng)
     sample = VideoSample(
         uid=f"{split}_{task}_{index:06d}", split=split, index=index, duration=label, n_frames=n_frames,
         fps=config.fps, sprites=tuple(sprites), question=question, geometry=config.geometry, backdrop=backdrop,
