@@ -113,8 +113,18 @@ def ensure_benchmark(bench: Path, split: str, n_images: int, n_videos: int, seed
     manifest = root / "manifest.json"
     ok = manifest.exists() and json.loads(manifest.read_text()).get("complete")
     if ok:
-        counts = json.loads(manifest.read_text()).get("counts", {})
+        written = json.loads(manifest.read_text())
+        counts = written.get("counts", {})
         ok = counts.get("images", 0) >= n_images and counts.get("videos", 0) >= n_videos
+        from .synthetic.layouts import default_parameters
+
+        expected = default_parameters(seed, split)
+        found = written.get("parameters") or {}
+        stale = sorted(k for k in expected if found.get(k) != expected[k])
+        if stale:  # e.g. videos of the plain look, written before the video model moved to the rich one
+            print(f"note: {root} was written with other generator parameters than this version's defaults "
+                  f"({', '.join(stale)}), which the shipped models were trained on: remove the folder to write "
+                  f"it again", file=sys.stderr, flush=True)
     if not ok:
         from .synthetic import write_benchmark
 

@@ -267,3 +267,18 @@ def test_bench_names_the_plan_whose_budget_the_input_cannot_meet(tmp_path, capsy
     err = capsys.readouterr().err
     assert "plan 'mustdrop-prefill(tokens=2)'" in err and "out of reach" in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_a_benchmark_folder_of_other_generator_parameters_is_named(tmp_path, capsys):
+    """A folder written before the video model moved to the rich look (or with another look) is still read, but
+    the main job says which parameters differ from the defaults the shipped models were trained on."""
+    from tokenreduce.eval import evaluate as E
+    from tokenreduce.eval import synthetic as syn
+
+    syn.write_benchmark(tmp_path / "old", "test", n_images=1, n_videos=1, progress_every=0,
+                        video_config=syn.VideoConfig.with_look("plain"))
+    E.ensure_benchmark(tmp_path / "old", "test", 1, 1)
+    err = capsys.readouterr().err
+    assert "other generator parameters" in err and "(video)" in err and "remove the folder" in err
+    E.ensure_benchmark(tmp_path / "new", "test", 1, 1)
+    assert "other generator parameters" not in capsys.readouterr().err

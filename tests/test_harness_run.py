@@ -75,7 +75,7 @@ def test_records_and_outputs(reference):
     assert header["sessions"][0]["versions"]["torch"] and rec["run"] == header["run_id"]
     summary = json.loads((reference / "summary.json").read_text())
     rows = {r["plan"]: r for r in summary["rows"]}
-    assert rows[PLAN]["tokens"] == 64 and rows["none"]["tokens"] == 128
+    assert rows[PLAN]["tokens"] == 144 and rows["none"]["tokens"] == 288  # 8 frames x 36, newline not counted
     assert rows[PLAN]["flops_speedup"] > 1.2 and rows["none"]["flops_speedup"] == pytest.approx(1.0)
     assert rows["none"]["m_avg"] is not None and "speedup" in rows[PLAN]
     assert summary["timing"]["repeats"] == 1 and len(summary["timing"]["items"]) == 2

@@ -50,10 +50,10 @@ def test_video_processor_batches_and_left_pads(video):
     a, b = (rng.integers(0, 256, (3, 40, 50, 3), dtype=np.uint8) for _ in range(2))
     out = processor(text=["USER: <video>\nWhich? ASSISTANT:", "USER: <video>\nWhich colour is it? ASSISTANT:"],
                     videos=[a, b])
-    assert out["pixel_values_videos"].shape == (2, 3, 3, 112, 112)
+    assert out["pixel_values_videos"].shape == (2, 3, 3, 168, 168)  # the tower's size: 12 x 12 patches
     assert out["attention_mask"][0, 0] == 0 and out["attention_mask"][1].all()  # left padding
     n_video = (out["input_ids"] == model.config.video_token_id).sum(1)
-    assert n_video.tolist() == [3 * 16 + 1] * 2
+    assert n_video.tolist() == [3 * 36 + 1] * 2  # pooled 2 x 2 to 6 x 6 a frame, one newline
 
 
 @pytest.mark.parametrize("bad, match", [

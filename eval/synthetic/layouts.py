@@ -231,6 +231,11 @@ def _parameters(seed: int, split: str, image_config: ImageConfig, video_config: 
     }
 
 
+def default_parameters(seed: int, split: str) -> dict[str, Any]:
+    """The manifest `parameters` `write_benchmark` writes with every default (the shipped models' looks)."""
+    return _parameters(seed, split, ImageConfig(), VideoConfig(), DEFAULT_CRF, IMAGE_TASKS, VIDEO_TASKS)
+
+
 def _check_resumable(manifest_path: Path, parameters: dict[str, Any]) -> None:
     if not manifest_path.exists():
         return

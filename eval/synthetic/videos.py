@@ -64,18 +64,18 @@ class VideoConfig:
     frame), `jitter` (each object at its own pixel offset inside its cells) and `patterned` (each shape filled
     with its pattern, `scene.fill_mask`).
 
-    The defaults are the look the shipped video model was trained on, `scene.LOOKS["plain"]` (the generator's
-    first version, reproduced exactly); `VideoConfig.with_look("rich")` is the images' look, which the video
-    model moves to once it is retrained on it (issue 17)."""
+    The defaults are the look the shipped video model was trained on, `scene.LOOKS["rich"]` (the images' look:
+    168 px, 12 x 12 patches a frame); `VideoConfig.with_look("plain")` is the generator's first version,
+    reproduced exactly (the video model's first training stage)."""
 
-    size: int = 112
+    size: int = 168
     grid: int = 3
     fps: int = 8
     min_sampled_frames: int = 8
     durations: tuple[tuple[str, int, int], ...] = field(default=DURATIONS)
-    textured: bool = False
-    jitter: bool = False
-    patterned: bool = False
+    textured: bool = True
+    jitter: bool = True
+    patterned: bool = True
 
     @classmethod
     def with_look(cls, look: str, **overrides) -> VideoConfig:
@@ -104,7 +104,7 @@ class VideoConfig:
     def to_dict(self) -> dict:
         return {"size": self.size, "grid": self.grid, "fps": self.fps, "min_sampled_frames": self.min_sampled_frames,
                 "durations": {label: [lo, hi] for label, lo, hi in self.durations}, "textured": self.textured,
-                "jitter": self.jitter}
+                "jitter": self.jitter, "patterned": self.patterned}
 
 
 @dataclass(frozen=True)

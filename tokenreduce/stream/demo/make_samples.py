@@ -1,5 +1,5 @@
 """Write the demo's bundled sample videos: three test-split videos of the generated benchmark (never trained on),
-at 224 px for display (the model resizes frames to its own 112 px), with their multiple-choice questions.
+at 224 px for display (the model resizes frames to its own 168 px), with their multiple-choice questions.
 
     python -m tokenreduce.stream.demo.make_samples [OUT_DIR]
 
