@@ -78,7 +78,7 @@ def test_videomme_task_scores_what_tokenreduce_eval_scores(bench, lmms_run, tmp_
         assert s["metrics"]["pred_answer"] == r["pred"]
         assert (s["metrics"]["score"] == 1.0) == r["correct"]
         # lmms-eval's token accounting gets what entered the LLM: the reduced sequence, not the prompt's length
-        assert s["tokens"]["input_tokens"] == r["seq_llm"] and r["tokens"] == 64
+        assert s["tokens"]["input_tokens"] == r["seq_llm"] and r["tokens"] == 144  # half of 8 x 36
     score = lmms_run["results"]["tokenreduce_videomme"]["videomme_perception_score,none"]
     assert score == pytest.approx(100 * row["accuracy"])
 
