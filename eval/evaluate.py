@@ -111,16 +111,14 @@ def ensure_benchmark(bench: Path, split: str, n_images: int, n_videos: int, seed
     """`bench/split`, written with `write_benchmark` when it is missing or has fewer items than needed."""
     root = Path(bench) / split
     manifest = root / "manifest.json"
-    ok = manifest.exists() and json.loads(manifest.read_text()).get("complete")
+    written = json.loads(manifest.read_text()) if manifest.exists() else {}
+    ok = bool(written.get("complete"))
     if ok:
-        written = json.loads(manifest.read_text())
         counts = written.get("counts", {})
         ok = counts.get("images", 0) >= n_images and counts.get("videos", 0) >= n_videos
-        from .synthetic.layouts import default_parameters
+        from .synthetic.layouts import default_parameters, parameter_diff
 
-        expected = default_parameters(seed, split)
-        found = written.get("parameters") or {}
-        stale = sorted(k for k in expected if found.get(k) != expected[k])
+        stale = parameter_diff(written.get("parameters"), default_parameters(seed, split))
         if stale:  # e.g. videos of the plain look, written before the video model moved to the rich one
             print(f"note: {root} was written with other generator parameters than this version's defaults "
                   f"({', '.join(stale)}), which the shipped models were trained on: remove the folder to write "

@@ -808,8 +808,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = M.build_tokenizer()
     state_path = out / "state.pt"
+    fresh = not state_path.exists()  # a resumed run keeps its own weights: no stage 1, no warm start
     init = args.init
-    if init is None and args.init_recipe and not state_path.exists():
+    if init is None and args.init_recipe and fresh:
         stage1 = out / "stage1"
         print(f"stage 1: --recipe {args.init_recipe} into {stage1}", flush=True)
         main(["--recipe", args.init_recipe, "--out", str(stage1), "--threads", str(args.threads),
@@ -817,7 +818,7 @@ def main(argv: list[str] | None = None) -> int:
         init = stage1 / "best"
     # the tower's input size is the training look's frame size (168 px rich: 12 x 12 patches; 112 px plain: 8 x 8)
     model = M.build_model(kind, tokenizer, seed=args.seed, vision=dict(image_size=data_config(kind, args.look).size))
-    if init is not None and not state_path.exists():
+    if init is not None and fresh:
         counts = warm_start(model, tokenizer, init)
         print(f"initialised from {init}: {counts}", flush=True)
     model.train()

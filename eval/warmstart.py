@@ -31,24 +31,21 @@ def resize_grid(weight: torch.Tensor, n: int) -> torch.Tensor:
     return out.reshape(-1, n).T.to(weight.dtype)
 
 
-def _vocab(tokenizer) -> dict[str, int]:
-    return dict(tokenizer.get_vocab())
-
-
 @torch.no_grad()
 def warm_start(model: nn.Module, tokenizer, source: str | Path) -> dict[str, int]:
     """Copy `source`'s weights (a `save_pretrained` directory with its tokenizer) into `model` in place.
 
     Returns counts: `copied` tensors, `resized` position grids, `rows` embedding rows matched by token,
     `fresh` tensors left at their init (shape or name unmatched)."""
-    from transformers import AutoTokenizer
+    from . import models as M
 
     source = Path(source)
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"--init: {source} is not a saved model directory (no config.json)")
-    src = type(model).from_pretrained(source)
-    src_tok = AutoTokenizer.from_pretrained(source)
-    old_vocab, new_vocab = _vocab(src_tok), _vocab(tokenizer)
+    src, src_tok = M.load(source)
+    if type(src) is not type(model):
+        raise ValueError(f"--init: {source} holds a {type(src).__name__}, this run trains a {type(model).__name__}")
+    old_vocab, new_vocab = src_tok.get_vocab(), tokenizer.get_vocab()
     pairs = [(new_vocab[w], i) for w, i in old_vocab.items() if w in new_vocab]
     dst_rows = torch.tensor([d for d, _ in pairs])
     src_rows = torch.tensor([s for _, s in pairs])

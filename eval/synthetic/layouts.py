@@ -236,6 +236,12 @@ def default_parameters(seed: int, split: str) -> dict[str, Any]:
     return _parameters(seed, split, ImageConfig(), VideoConfig(), DEFAULT_CRF, IMAGE_TASKS, VIDEO_TASKS)
 
 
+def parameter_diff(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """The top-level manifest `parameters` keys whose values differ between `old` (None: none) and `new`."""
+    old = old or {}
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
 def _check_resumable(manifest_path: Path, parameters: dict[str, Any]) -> None:
     if not manifest_path.exists():
         return
@@ -244,7 +250,7 @@ def _check_resumable(manifest_path: Path, parameters: dict[str, Any]) -> None:
     except (OSError, ValueError) as e:
         raise ValueError(f"{manifest_path}: unreadable manifest ({e}); remove the folder to start over") from None
     if old != parameters:
-        diff = sorted(k for k in set(old or {}) | set(parameters) if (old or {}).get(k) != parameters.get(k))
+        diff = parameter_diff(old, parameters)
         raise ValueError(f"{manifest_path.parent} holds a benchmark made with other parameters ({', '.join(diff)}); "
                          f"use another folder or remove it")
 
