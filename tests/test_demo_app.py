@@ -103,10 +103,10 @@ def test_bad_uploads_get_a_message(client, tmp_path):
     r = client.post("/api/upload", files={"file": ("notes.txt", b"hello", "text/plain")})
     assert r.status_code == 415 and "not a video file" in r.json()["error"]
     r = client.post("/api/upload", files={"file": ("big.mp4", b"0" * 200_000, "video/mp4")})
-    assert r.status_code == 413 and "upload limit" in r.json()["error"]
+    assert r.status_code == 413 and "big.mp4: larger than the 0.15 MB upload limit" in r.json()["error"]
     r = client.post("/api/upload", data={"nothing": "here"})
     assert r.status_code == 400 and "no file" in r.json()["error"]
-    assert client.get("/api/info").status_code == 200  # still serving
+    assert client.get("/api/info").json()["max_upload_mb"] == 0.15  # still serving, the limit as configured
 
 
 def test_a_good_upload_streams(client):

@@ -112,6 +112,11 @@ def jpeg_data_url(frame: np.ndarray, longest: int = DISPLAY) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def megabytes(n: int) -> str:
+    """`n` bytes as the user reads an upload limit: "50 MB", "0.15 MB" (three significant digits)."""
+    return f"{n / 2**20:.3g} MB"
+
+
 def sse(kind: str, data: dict[str, Any]) -> str:
     return f"event: {kind}\ndata: {json.dumps(data)}\n\n"
 
@@ -149,7 +154,7 @@ class Demo:
             model=type(self.model).__name__,
             model_name="the shipped default video model" if default or not path else path,
             plans=[dict(label=a, plan=b) for a, b in PLANS], protocols=list(PROTOCOLS),
-            max_upload_mb=round(self.max_upload / 1024 / 1024, 1), max_seconds=MAX_SECONDS,
+            max_upload_mb=float(f"{self.max_upload / 2**20:.3g}"), max_seconds=MAX_SECONDS,
             samples=[{k: s[k] for k in ("name", "question", "options", "answer", "seconds", "task")}
                      for s in self.samples],
         )
@@ -182,7 +187,7 @@ class Demo:
                 if size > self.max_upload:
                     f.close()
                     path.unlink(missing_ok=True)
-                    raise DemoError(f"{name}: larger than the {self.max_upload // (1024 * 1024)} MB upload limit", 413)
+                    raise DemoError(f"{name}: larger than the {megabytes(self.max_upload)} upload limit", 413)
                 f.write(chunk)
         try:
             info = probe(path)
@@ -355,7 +360,7 @@ def create_app(model=None, processor=None, max_upload_mb: float = 50.0, upload_d
     async def upload(request: Request):
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > demo.max_upload + 64 * 1024:
-            raise DemoError(f"the file is larger than the {demo.max_upload // (1024 * 1024)} MB upload limit", 413)
+            raise DemoError(f"the file is larger than the {megabytes(demo.max_upload)} upload limit", 413)
         try:
             form = await request.form()
         except Exception:
