@@ -4,6 +4,7 @@ flags, safe resuming and the export into a model folder. Fresh (untrained) model
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -146,7 +147,7 @@ def test_recipes_set_flags_and_explicit_flags_win(tmp_path: Path):
         args = T.parse_args(["--recipe", name, "--out", str(tmp_path)])
         assert args.stop_at is None or args.stop_at < args.steps, name
         assert args.reduce_frac > 0, "the shipped models are trained reduction-aware"
-    for stop in ("--stop-at", "--stop"):  # an explicit stop, abbreviated or not, is kept
+    for stop in ("--stop-at", "--stop-a"):  # an explicit stop, abbreviated or not, is kept
         args = T.parse_args(["--recipe", "video", "--steps=1800", stop, "1700", "--out", str(tmp_path)])
         assert (args.steps, args.stop_at) == (1800, 1700)
 
@@ -194,6 +195,52 @@ def test_stop_at_ends_the_run_early_on_the_full_schedule(tmp_path: Path, capsys)
     assert T.main(argv) == 0  # the same command again resumes at its end and trains nothing more
     again = capsys.readouterr().out
     assert "resumed at step 3/6" in again and not any(line.startswith("step ") for line in again.splitlines())
+
+
+def test_stop_score_ends_the_run_at_the_first_good_enough_validation(tmp_path: Path, capsys, monkeypatch):
+    """--stop-score 0.5 with validations scripted to 0.3, 0.6, 0.9 (unreduced) at steps 1, 2, 3 of 6: the run
+    ends at step 2, keeps that checkpoint, and a resume of the same command trains nothing more."""
+    scores = iter([0.3, 0.6, 0.9])
+
+    def scripted(*args, **kwargs) -> dict[str, float]:
+        a = next(scores)
+        return {"all": a, "~drop50": 0.0, "score": a / 2}  # the stop reads 'all', not the selection score
+
+    monkeypatch.setattr(T, "validate", scripted)
+    argv = ["--model", "image", "--out", str(tmp_path), "--steps", "6", "--stop-score", "0.5", "--warmup", "1",
+            "--batch", "2", "--val-size", "2", "--val-every", "1", "--log-every", "1", "--threads", "1"]
+    assert T.main(argv) == 0
+    log = capsys.readouterr().out
+    assert "validation accuracy 0.600 reached --stop-score 0.5: the run ends at step 2" in log
+    assert [line.split()[1] for line in log.splitlines() if line.startswith("step ")] == ["1/6", "2/6"]
+    assert T.load_state(tmp_path / "state.pt")["step"] == 2
+    assert json.loads((tmp_path / "best" / "training.json").read_text())["step"] == 2
+    assert T.main(argv) == 0
+    again = capsys.readouterr().out
+    assert "resumed at step 2/6" in again and not any(line.startswith("step ") for line in again.splitlines())
+    assert next(scores) == 0.9  # the resume validated nothing either
+
+
+def test_heap_kept_holds_freed_memory_until_trimmed_then_restores_the_defaults():
+    """Inside `heap_kept` a freed 256 MiB block stays resident (the next step reuses it instead of faulting it in
+    again) until `trim_heap`; outside, glibc's defaults are back and a freed large block leaves at once."""
+    if T._MALLOPT is None:
+        pytest.skip("this libc has no mallopt (not glibc): heap_kept leaves the allocator alone")
+    n = 256 * 2**20
+    T.trim_heap()
+    base = T.rss_gib()
+    with T.heap_kept() as kept:
+        with T.heap_kept():  # a nested run ends (a recipe's stage 1 inside its stage 2): the outer one keeps on
+            pass
+        block = np.ones(n, np.uint8)
+        del block
+        held = T.rss_gib() - base
+        assert T.trim_heap()
+        trimmed = T.rss_gib() - base
+    block = np.ones(n, np.uint8)
+    del block
+    after = T.rss_gib() - base
+    assert kept and held > 0.2 and trimmed < 0.1 and after < 0.1, (held, trimmed, after)
 
 
 def test_look_and_tasks_choose_the_training_data(tmp_path: Path):
